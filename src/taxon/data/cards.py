@@ -1,0 +1,144 @@
+"""Dataset cards: YAML files that say where a dataset lives and how to render its rows.
+
+Built-in cards live beside this file in `cards/`; a user's own folder (TAXON_CARDS_DIR or
+--cards-dir) is read after them and may add or override cards. Adding a dataset is adding a file.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from taxon.config import Spec
+from taxon.errors import TaxonError
+from taxon.settings import cards_dir
+
+BUILTIN_DIR = Path(__file__).with_name("cards")
+Kind = Literal["corpus", "classification", "qa", "math", "code", "ner", "instruction"]
+
+
+class Carve(Spec):
+    """How to cut a test split from a Hub split when the Hub has no test split.
+
+    A row's side is decided by the hash of its `key` field, so every copy of a text lands on the
+    same side. With `stratify`, each class is split at `test_fraction` exactly: the keys of a class
+    are ranked by hash and the lowest share goes to test. Ranking is done on `reference_config`
+    (a config that contains all the others) so nested configs agree on every text's side.
+    """
+
+    source: str = "train"  # the Hub split carved up
+    train: str = "train"  # the names the two sides get
+    test: str = "test"
+    test_fraction: float = Field(gt=0, lt=1)
+    key: str
+    stratify: str | None = None
+    reference_config: str | None = None
+
+
+class Templates(Spec):
+    text: str  # the row as pretraining text
+    prompt: str | None = None  # the row as an SFT prompt ...
+    completion: str | None = None  # ... and its completion
+
+
+class Card(Spec):
+    id: str  # the Hub id
+    aliases: tuple[str, ...] = ()
+    kind: Kind
+    description: str = ""
+    license: str = ""
+    configs: tuple[str, ...] = ("default",)
+    default_config: str | None = None
+    splits: tuple[str, ...] = ("train",)  # splits as they exist on the Hub
+    carve: Carve | None = None
+    label_field: str | None = None
+    labels: tuple[str, ...] | None = None  # names of integer labels 0..n-1
+    templates: Templates
+    path: str = ""  # the file the card came from
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Card:
+        if self.default_config is not None and self.default_config not in self.configs:
+            raise ValueError(f"default_config '{self.default_config}' is not one of configs")
+        if (self.labels is None) != (self.label_field is None):
+            raise ValueError("labels and label_field go together")
+        if self.carve and self.carve.source not in self.splits:
+            raise ValueError(f"carve.source '{self.carve.source}' is not one of splits")
+        return self
+
+    @property
+    def config(self) -> str:
+        return self.default_config or self.configs[0]
+
+    def available_splits(self) -> list[str]:
+        out = [s for s in self.splits if not (self.carve and s == self.carve.source)]
+        if self.carve:
+            out += [self.carve.train, self.carve.test]
+        return out
+
+    def resolve_config(self, config: str | None) -> str:
+        if config in (None, "None", ""):
+            return self.config
+        if config not in self.configs:
+            raise TaxonError(
+                f"dataset '{self.id}' has no config '{config}'; choose one of: "
+                + ", ".join(self.configs)
+            )
+        return config
+
+
+def _read_card(path: Path) -> Card:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise TaxonError(f"dataset card {path}: not valid YAML ({e}); fix the file") from e
+    if not isinstance(data, dict):
+        raise TaxonError(f"dataset card {path}: expected a mapping; fix the file")
+    try:
+        return Card.model_validate({**data, "path": str(path)})
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise TaxonError(f"dataset card {path}: field '{field}': {err['msg']}; fix the file") from e
+
+
+def _card_files() -> list[Path]:
+    files = sorted(BUILTIN_DIR.glob("*.yaml"))
+    user = cards_dir()
+    if user is not None:
+        if not user.is_dir():
+            raise TaxonError(f"cards folder {user} does not exist; fix TAXON_CARDS_DIR/--cards-dir")
+        files += sorted(user.glob("*.yaml"))
+    return files
+
+
+@cache
+def _registry(files: tuple[Path, ...]) -> dict[str, Card]:
+    reg: dict[str, Card] = {}
+    for f in files:  # user cards come last and override built-ins with the same id
+        card = _read_card(f)
+        reg[card.id] = card
+        for alias in card.aliases:
+            reg[alias] = card
+    return reg
+
+
+def all_cards() -> list[Card]:
+    seen: dict[str, Card] = {}
+    for card in _registry(tuple(_card_files())).values():
+        seen[card.id] = card
+    return sorted(seen.values(), key=lambda c: c.id)
+
+
+def get_card(dataset: str) -> Card:
+    reg = _registry(tuple(_card_files()))
+    if dataset not in reg:
+        raise TaxonError(
+            f"unknown dataset '{dataset}': run `taxon data list` for the known cards, "
+            "or add a card for it to your cards folder (TAXON_CARDS_DIR)"
+        )
+    return reg[dataset]

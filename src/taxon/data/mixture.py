@@ -1,0 +1,125 @@
+"""Turn a stage's datasets and rates into the token sequences it trains on.
+
+Pretraining mixes by tokens (each source contributes its rate of the stage's token budget) and
+packs documents into fixed-length blocks; SFT mixes by examples. Sampling is seeded; a source
+smaller than its share is repeated in fresh shuffled passes. A split that an eval task scores on
+is refused, so no test item can reach a training text.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from datasets import Dataset
+
+from taxon.config import DataRef, StageSpec
+from taxon.data import render
+from taxon.data.cards import get_card
+from taxon.data.sources import load_rows
+from taxon.errors import TaxonError
+
+
+def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """Prompt and completion encoded separately, then concatenated: exactly the tokens the
+    log-likelihood scorer sees, so training and evaluation cannot disagree at the boundary."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return p, c
+
+
+def _examples(ref: DataRef, objective: str, tokenizer, chat: bool, seed: int) -> list[dict]:
+    from taxon.evals.tasks import held_out_splits
+
+    if ref.split == "test" or ref.split in held_out_splits(ref.dataset):
+        raise TaxonError(
+            f"stage data '{ref.dataset}' uses split '{ref.split}', which an eval task scores on; "
+            "train on a train split so no test item reaches training"
+        )
+    card = get_card(ref.dataset)
+    rows = load_rows(ref.dataset, ref.config, ref.split, seed=seed)
+    out = []
+    as_text = objective == "pretrain" or card.templates.prompt is None
+    for row in rows:
+        if as_text:
+            text = render.as_text(card, row)
+            if not text.strip():
+                continue
+            ids = tokenizer(text + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            out.append({"input_ids": ids, "completion_mask": [1] * len(ids)})
+        else:
+            prompt, completion = render.as_pair(card, row)
+            p, c = encode_pair(
+                tokenizer,
+                render.format_prompt(tokenizer, prompt, chat),
+                render.format_completion(tokenizer, completion, chat),
+            )
+            out.append({"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)})
+    if not out:
+        raise TaxonError(f"dataset '{ref.dataset}' split '{ref.split}' has no non-empty rows")
+    return out
+
+
+def _take(pool: list[dict], rng: np.random.Generator, n_examples=None, n_tokens=None) -> list[dict]:
+    """Draw from `pool` in shuffled passes until `n_examples` or `n_tokens` are reached."""
+    taken, tokens = [], 0
+    while True:
+        for i in rng.permutation(len(pool)):
+            if (n_examples is not None and len(taken) >= n_examples) or (
+                n_tokens is not None and tokens >= n_tokens
+            ):
+                return taken
+            taken.append(pool[i])
+            tokens += len(pool[i]["input_ids"])
+
+
+def _allocate(total: int, rates: list[float]) -> list[int]:
+    """Split `total` by `rates` into whole counts that sum to `total` (largest remainder)."""
+    exact = [r * total for r in rates]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(rates)), key=lambda i: exact[i] - counts[i], reverse=True):
+        if sum(counts) == total:
+            break
+        counts[i] += 1
+    return counts
+
+
+def pack(examples: list[dict], block: int) -> list[dict]:
+    """Concatenate the examples' tokens (each already ends with EOS) and cut fixed-length blocks;
+    the incomplete tail is dropped, so every block has exactly `block` tokens."""
+    flat = [t for e in examples for t in e["input_ids"]]
+    return [{"input_ids": flat[i : i + block]} for i in range(0, len(flat) - block + 1, block)]
+
+
+def build(stage: StageSpec, tokenizer, chat: bool) -> tuple[Dataset, dict]:
+    """The stage's training examples and a summary per source.
+
+    sft: columns input_ids and completion_mask, steps * batch * accum examples.
+    pretrain: input_ids in blocks of exactly max_length tokens, enough for every step.
+    """
+    rng = np.random.default_rng(stage.seed)
+    parts = list(stage.data) + ([stage.replay] if stage.replay else [])
+    per_step = stage.batch_size * stage.grad_accum
+    if stage.objective == "pretrain":
+        # One block more than the steps need, since packing drops a tail shorter than a block.
+        budget = (stage.steps * per_step + 1) * stage.max_length
+        shares = _allocate(budget, stage.rates())
+    else:
+        shares = _allocate(stage.steps * per_step, stage.rates())
+    chosen: list[dict] = []
+    summary = {}
+    for ref, rate, share in zip(parts, stage.rates(), shares, strict=True):
+        if share == 0:
+            continue
+        pool = _examples(ref, stage.objective, tokenizer, chat, stage.seed)
+        if stage.objective == "pretrain":
+            got = _take(pool, rng, n_tokens=share)
+        else:
+            got = _take(pool, rng, n_examples=share)
+        chosen += got
+        summary[f"{ref.dataset}:{ref.config or 'default'}:{ref.split}"] = {
+            "rate": rate, "examples": len(got), "tokens": sum(len(e["input_ids"]) for e in got),
+            "pool": len(pool),
+        }
+    chosen = [chosen[i] for i in rng.permutation(len(chosen))]
+    if stage.objective == "pretrain":
+        chosen = pack(chosen, stage.max_length)
+    return Dataset.from_list(chosen), summary

