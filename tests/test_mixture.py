@@ -46,7 +46,7 @@ def test_sft_size_is_steps_times_batch(fpb_sft):
     stage, ds, summary = fpb_sft
     assert len(ds) == stage.steps * stage.batch_size * stage.grad_accum == 12
     assert set(ds.column_names) == {"input_ids", "completion_mask"}
-    assert summary["fpb:train"]["examples"] == 12
+    assert summary["fpb:default:train"]["examples"] == 12
 
 
 def test_sft_completion_mask_covers_exactly_the_completion(fpb_sft, fpb_prompts, tiny_tokenizer):
@@ -124,28 +124,23 @@ def test_pretrain_has_enough_tokens(tiny_tokenizer):
                       grad_accum=2, max_length=64)
     ds, _ = mixture.build(stage, tiny_tokenizer, chat=True)
     assert ds.column_names == ["input_ids"]
-    tokens = sum(len(x) for x in ds["input_ids"])
-    assert tokens >= stage.steps * stage.batch_size * stage.grad_accum * stage.max_length
+    assert len(ds) >= stage.steps * stage.batch_size * stage.grad_accum
+    assert {len(x) for x in ds["input_ids"]} == {stage.max_length}
     eos = tiny_tokenizer.eos_token_id
-    for x in ds["input_ids"]:
-        assert x[-1] == eos  # documents are separated by EOS
-        assert len(x) > 1  # empty wikitext lines are skipped
+    assert sum(x.count(eos) for x in ds["input_ids"]) > 0  # documents are separated by EOS
 
 
 def test_pretrain_replay_shares(tiny_tokenizer):
     stage = StageSpec(objective="pretrain", data=(DataRef(dataset="fpb", rate=0.8),),
                       replay=DataRef(**WIKI, rate=0.2), steps=4, batch_size=2, max_length=64)
-    ds, _ = mixture.build(stage, tiny_tokenizer, chat=True)
-    fpb_docs = {
-        tuple(ids(tiny_tokenizer, s + tiny_tokenizer.eos_token))
-        for s in load_rows("fpb", None, "train")["sentence"]
-    }
-    budget = stage.steps * stage.batch_size * stage.grad_accum * stage.max_length
-    fpb_tokens = sum(len(x) for x in ds["input_ids"] if tuple(x) in fpb_docs)
-    wiki_tokens = sum(len(x) for x in ds["input_ids"] if tuple(x) not in fpb_docs)
-    assert fpb_tokens >= 0.8 * budget
-    assert wiki_tokens >= 0.2 * budget
-    assert wiki_tokens < fpb_tokens
+    _, summary = mixture.build(stage, tiny_tokenizer, chat=True)
+    budget = (stage.steps * stage.batch_size * stage.grad_accum + 1) * stage.max_length
+    fpb = summary["fpb:default:train"]["tokens"]
+    wiki = summary["wikitext:wikitext-2-v1:validation"]["tokens"]
+    # Each source stops at the first document that reaches its share of the token budget.
+    assert 0.8 * budget <= fpb < 0.8 * budget + 200
+    assert 0.2 * budget <= wiki < 0.2 * budget + 2000
+    assert wiki < fpb
 
 
 def test_stage_rates_must_sum_to_one():
@@ -187,4 +182,4 @@ def test_wikitext_validation_is_allowed_as_replay(tiny_tokenizer):
                       replay=DataRef(**WIKI, rate=0.5), steps=2, batch_size=2)
     ds, summary = mixture.build(stage, tiny_tokenizer, chat=True)
     assert len(ds) == 4
-    assert summary["wikitext:validation"]["examples"] == 2
+    assert summary["wikitext:wikitext-2-v1:validation"]["examples"] == 2

@@ -3,6 +3,8 @@ and every stored number can be traced to per-example predictions."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import yaml
 from rich.console import Console
@@ -35,12 +37,12 @@ experiments:
 
 
 def test_study_shares_stages_and_resumes(tmp_path, monkeypatch, data_dir):
-    monkeypatch.setenv("TAXON_CACHE_DIR", str(tmp_path / "cache"))
-    # tiny is built into the cache on first use; reuse the session's copy via a symlink
+    # A fresh stage cache; the session's `tiny` model is linked in rather than rebuilt.
     from taxon.models import _converted_dir, prepare
 
-    tiny_dir = prepare("tiny")
-    (tmp_path / "cache" / "models").mkdir(parents=True)
+    tiny_dir = Path(prepare("tiny"))
+    monkeypatch.setenv("TAXON_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "models").mkdir(parents=True, exist_ok=True)
     (tmp_path / "cache" / "models" / "tiny").symlink_to(tiny_dir)
     assert _converted_dir("tiny").resolve() == tiny_dir.resolve()
 

@@ -53,7 +53,7 @@ def test_lora_sft_stage_writes_checkpoint(sft_checkpoint):
     assert meta["base"] == "tiny"
     assert meta["lora"] is True
     assert StageSpec.model_validate(meta["spec"]) == SFT_STAGE
-    assert meta["figures"]["mixture"]["fpb:train"]["examples"] == 3 * 2
+    assert meta["figures"]["mixture"]["fpb:default:train"]["examples"] == 3 * 2
     assert figures["tokens"] > 0
     assert figures["final_loss"] is not None and figures["final_loss"] > 0
     assert 0 < figures["trainable_params"] < figures["total_params"]

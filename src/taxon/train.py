@@ -91,8 +91,10 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
         data_seed=stage.seed,
         bf16=bf16,
         max_length=stage.max_length,
-        gradient_checkpointing=False,  # TRL turns it on by default; small models do not need it
+        activation_checkpointing=False,  # TRL turns it on by default; small models do not need it
         packing=False,  # pretraining text arrives already packed into blocks (mixture.pack)
+        # SFT batches of similar lengths waste less compute on padding; the grouping is seeded.
+        train_sampling_strategy="group_by_length" if stage.objective == "sft" else "random",
         completion_only_loss=stage.objective == "sft",
         logging_steps=1,
         save_strategy="no",

@@ -26,7 +26,10 @@ def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], lis
     return p, c
 
 
-def _examples(ref: DataRef, objective: str, tokenizer, chat: bool, seed: int) -> list[dict]:
+def _examples(ref: DataRef, objective: str, tokenizer, chat: bool, seed: int,
+              max_length: int) -> tuple[list[dict], int]:
+    """A source's rows as token sequences, and how many SFT pairs were dropped for exceeding
+    `max_length` (truncating them would cut off the completion, the only part with a loss)."""
     from taxon.evals.tasks import held_out_splits
 
     if ref.split == "test" or ref.split in held_out_splits(ref.dataset):
@@ -36,7 +39,7 @@ def _examples(ref: DataRef, objective: str, tokenizer, chat: bool, seed: int) ->
         )
     card = get_card(ref.dataset)
     rows = load_rows(ref.dataset, ref.config, ref.split, seed=seed)
-    out = []
+    out, too_long = [], 0
     as_text = objective == "pretrain" or card.templates.prompt is None
     for row in rows:
         if as_text:
@@ -52,10 +55,16 @@ def _examples(ref: DataRef, objective: str, tokenizer, chat: bool, seed: int) ->
                 render.format_prompt(tokenizer, prompt, chat),
                 render.format_completion(tokenizer, completion, chat),
             )
+            if len(p) + len(c) > max_length:
+                too_long += 1
+                continue
             out.append({"input_ids": p + c, "completion_mask": [0] * len(p) + [1] * len(c)})
     if not out:
-        raise TaxonError(f"dataset '{ref.dataset}' split '{ref.split}' has no non-empty rows")
-    return out
+        raise TaxonError(
+            f"dataset '{ref.dataset}' split '{ref.split}' has no non-empty rows of at most "
+            f"max_length={max_length} tokens; raise the stage's max_length"
+        )
+    return out, too_long
 
 
 def _take(pool: list[dict], rng: np.random.Generator, n_examples=None, n_tokens=None) -> list[dict]:
@@ -109,7 +118,8 @@ def build(stage: StageSpec, tokenizer, chat: bool) -> tuple[Dataset, dict]:
     for ref, rate, share in zip(parts, stage.rates(), shares, strict=True):
         if share == 0:
             continue
-        pool = _examples(ref, stage.objective, tokenizer, chat, stage.seed)
+        pool, too_long = _examples(ref, stage.objective, tokenizer, chat, stage.seed,
+                                   stage.max_length)
         if stage.objective == "pretrain":
             got = _take(pool, rng, n_tokens=share)
         else:
@@ -117,7 +127,7 @@ def build(stage: StageSpec, tokenizer, chat: bool) -> tuple[Dataset, dict]:
         chosen += got
         summary[f"{ref.dataset}:{ref.config or 'default'}:{ref.split}"] = {
             "rate": rate, "examples": len(got), "tokens": sum(len(e["input_ids"]) for e in got),
-            "pool": len(pool),
+            "pool": len(pool), "dropped_too_long": too_long,
         }
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]
     if stage.objective == "pretrain":
