@@ -77,6 +77,7 @@ def evaluate_task(
     probs /= probs.sum(axis=1, keepdims=True)
     preds = ll.argmax(axis=1)
     metrics = classification_report(golds, preds, probs, list(card.labels), task.metrics, seed=seed)
+    metrics["settings"] = {"precision": "bf16" if bf16 else "fp32", "chat": chat, "seed": seed}
     predictions = [
         {"idx": int(i), "gold": int(g), "pred": int(p), "scores": [float(x) for x in s]}
         for i, g, p, s in zip(idxs, golds, preds, ll, strict=True)

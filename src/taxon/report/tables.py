@@ -20,10 +20,12 @@ def results_table(store: Store, study: str | None = None) -> str:
     head = ["experiment", "task", "n", *COLUMNS, "large-model reference", "% of reference"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes: dict[str, str] = {}
+    precisions: set[str] = set()
     for exp in store.experiments(study):
         for r in store.results(exp["model_key"]):
             task = get_task(r["task"])
             m = r["metrics"]
+            precisions.add(m.get("settings", {}).get("precision", "fp32"))
             ref_cell, pct = "-", "-"
             if task.references:
                 ref = task.references[0]
@@ -38,7 +40,9 @@ def results_table(store: Store, study: str | None = None) -> str:
             lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append("Cells: value [95% bootstrap interval over test items, 1,000 resamples]. "
-                 "`n` of `N`: a seeded subsample of the test split. ECE: lower is better.")
+                 "`n` of `N`: a seeded subsample of the test split. ECE: lower is better. "
+                 f"Scored in {' and '.join(sorted(precisions)) or 'fp32'}"
+                 f"{' (autocast)' if 'bf16' in precisions else ''}.")
     for note in notes.values():
         lines.append(f"- {note}")
     return "\n".join(lines)
