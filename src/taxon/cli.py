@@ -82,9 +82,9 @@ def data_show(
     from taxon.data.cards import get_card
     from taxon.data.sources import load_rows
 
-    card = get_card(dataset)
+    card = get_card(dataset).for_config(config)
     rows = load_rows(dataset, config, split, limit=n)
-    console.print(f"[bold]{card.id}[/bold] ({card.resolve_config(config)}, {split}): "
+    console.print(f"[bold]{card.id}[/bold] ({card.config}, {split}): "
                   f"{card.kind}", highlight=False)
     for i, row in enumerate(rows):
         console.rule(f"row {i}")

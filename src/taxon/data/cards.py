@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from taxon.config import Spec
 from taxon.errors import TaxonError
@@ -45,6 +45,27 @@ class Templates(Spec):
     completion: str | None = None  # ... and its completion
 
 
+class TemplateOverride(Spec):
+    """Templates of one config; the ones not given are the card's own."""
+
+    text: str | None = None
+    prompt: str | None = None
+    completion: str | None = None
+
+
+class Override(Spec):
+    """What differs in one config (GLUE's tasks have their own columns and labels). A field that
+    is given replaces the card's; `templates` replaces only the templates it names."""
+
+    splits: tuple[str, ...] | None = None
+    carve: Carve | None = None
+    label_field: str | None = None
+    labels: tuple[str, ...] | None = None
+    fields: tuple[str, ...] | None = None
+    unlabelled_splits: tuple[str, ...] | None = None
+    templates: TemplateOverride | None = None
+
+
 class Card(Spec):
     id: str  # the Hub id
     aliases: tuple[str, ...] = ()
@@ -57,8 +78,12 @@ class Card(Spec):
     carve: Carve | None = None
     label_field: str | None = None
     labels: tuple[str, ...] | None = None  # names of integer labels 0..n-1
+    fields: tuple[str, ...] = ()  # columns every row has (Hub names); `taxon data check` checks them
+    unlabelled_splits: tuple[str, ...] = ()  # splits whose answers the Hub hides (e.g. GLUE test)
     templates: Templates
+    overrides: dict[str, Override] = {}  # per-config differences; see `for_config`
     path: str = ""  # the file the card came from
+    _base: Card | None = PrivateAttr(default=None)  # set on the cards `for_config` returns
 
     @model_validator(mode="after")
     def _consistent(self) -> Card:
@@ -68,7 +93,34 @@ class Card(Spec):
             raise ValueError("labels and label_field go together")
         if self.carve and self.carve.source not in self.splits:
             raise ValueError(f"carve.source '{self.carve.source}' is not one of splits")
+        for name in self.overrides:
+            if name not in self.configs:
+                raise ValueError(f"overrides names config '{name}', which is not one of configs")
+            try:
+                self.for_config(name)
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ValueError(f"overrides.{name}: {err['msg']}") from None
         return self
+
+    def for_config(self, config: str | None) -> Card:
+        """The card as it applies to one config: its override (if any) applied, and that config
+        as the default. `None` means the card's default config. The result has no overrides of
+        its own; calling `for_config` on it again starts from the card it came from."""
+        base = self._base or self
+        config = base.resolve_config(config)
+        over = base.overrides.get(config)
+        if over is None and config == base.config:
+            return base
+        update: dict = {"default_config": config}
+        if over is not None:
+            update |= {k: getattr(over, k) for k in over.model_fields_set if k != "templates"}
+            if over.templates is not None:
+                given = over.templates.model_dump(exclude_unset=True)
+                update["templates"] = {**base.templates.model_dump(), **given}
+        card = Card.model_validate({**base.model_dump(), **update, "overrides": {}})
+        card._base = base
+        return card
 
     @property
     def config(self) -> str:

@@ -37,7 +37,7 @@ def _examples(ref: DataRef, objective: str, tokenizer, chat: bool, seed: int,
             f"stage data '{ref.dataset}' uses split '{ref.split}', which an eval task scores on; "
             "train on a train split so no test item reaches training"
         )
-    card = get_card(ref.dataset)
+    card = get_card(ref.dataset).for_config(ref.config)
     rows = load_rows(ref.dataset, ref.config, ref.split, seed=seed)
     out, too_long = [], 0
     as_text = objective == "pretrain" or card.templates.prompt is None

@@ -1,12 +1,16 @@
 """Render a dataset row as pretraining text or as an SFT (prompt, completion) pair.
 
 Templates are Jinja2 strings in the card; a row's columns are the variables, plus `label_name`
-for classification cards. Chat formatting for instruct models is applied here too, so training
-and evaluation format a prompt the same way.
+for classification cards. Two filters help with nested columns: `fromjson` (a JSON or
+Python-literal string to its value; other values pass through) and `entities` (tokens and their
+IO/BIO tags to a list of {text, type} spans). Chat formatting for instruct models is applied here
+too, so training and evaluation format a prompt the same way.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 from functools import cache
 
 import jinja2
@@ -14,7 +18,38 @@ import jinja2
 from taxon.data.cards import Card
 from taxon.errors import TaxonError
 
+
+def fromjson(value):
+    """A column that holds JSON (or a Python literal) as a string, as its value."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return ast.literal_eval(value)
+
+
+def entities(tokens: list[str], tags: list[str]) -> list[dict]:
+    """Entity spans from IO or BIO tags ("I-ORG", "B-PER", "O"): consecutive tokens of one type
+    form a span, and a "B-" tag starts a new one. [{"text": "Evergreen Solar Inc", "type": "ORG"}]"""
+    spans: list[tuple[list[str], str]] = []
+    current = None
+    for token, tag in zip(tokens, tags, strict=True):
+        if not tag or tag == "O":
+            current = None
+            continue
+        prefix, _, kind = tag.partition("-") if "-" in tag else ("I", "", tag)
+        if current is not None and current[1] == kind and prefix != "B":
+            current[0].append(token)
+        else:
+            current = ([token], kind)
+            spans.append(current)
+    return [{"text": " ".join(words), "type": kind} for words, kind in spans]
+
+
 _env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+_env.filters["fromjson"] = fromjson
+_env.filters["entities"] = entities
 
 
 @cache
@@ -25,7 +60,9 @@ def _template(source: str) -> jinja2.Template:
 def _context(card: Card, row: dict) -> dict:
     ctx = dict(row)
     if card.labels and card.label_field:
-        ctx["label_name"] = card.labels[row[card.label_field]]
+        value = row.get(card.label_field)
+        if isinstance(value, int) and 0 <= value < len(card.labels):  # else label_name is undefined
+            ctx["label_name"] = card.labels[value]
     return ctx
 
 
@@ -34,6 +71,9 @@ def render(card: Card, template: str, row: dict) -> str:
         return _template(template).render(**_context(card, row))
     except jinja2.UndefinedError as e:
         raise TaxonError(f"dataset card {card.path}: template uses {e.message}; fix the card") from e
+    except jinja2.TemplateSyntaxError as e:
+        raise TaxonError(f"dataset card {card.path}: template line {e.lineno}: {e.message}; "
+                         "fix the card") from e
 
 
 def as_text(card: Card, row: dict) -> str:

@@ -33,7 +33,8 @@ def mirror_file(card: Card, config: str, split: str) -> Path | None:
 
 def where(card: Card, config: str | None = None, split: str | None = None) -> str:
     """Where a split would load from now (for `taxon data list`)."""
-    config = card.resolve_config(config)
+    card = card.for_config(config)
+    config = card.config
     split = split or card.available_splits()[0]
     hub_split = card.carve.source if card.carve and split in (card.carve.train, card.carve.test) else split
     path = mirror_file(card, config, hub_split)
@@ -65,6 +66,12 @@ def _load_hub_split(card: Card, config: str, split: str) -> datasets.Dataset:
         ) from e
 
 
+def has_label(card: Card, row: dict) -> bool:
+    """False for a row whose label the Hub hides (None, or -1 as in GLUE's test splits)."""
+    value = row[card.label_field]
+    return value is not None and not (isinstance(value, int) and value < 0)
+
+
 def _test_keys(card: Card, config: str) -> set[str]:
     """The keys (texts) on the test side of a carved split; see `Carve`."""
     c = card.carve
@@ -84,9 +91,10 @@ def load_rows(
     dataset: str, config: str | None = None, split: str = "train", limit: int | None = None,
     seed: int = 0,
 ) -> datasets.Dataset:
-    """Rows of one split, Hub column names intact. `limit`: a seeded subsample of that size."""
-    card = get_card(dataset)
-    config = card.resolve_config(config)
+    """Rows of one split, Hub column names intact. `limit`: a seeded subsample of that size.
+    Rows whose label is missing or negative (hidden test labels) are left out."""
+    card = get_card(dataset).for_config(config)
+    config = card.config
     if split not in card.available_splits():
         raise TaxonError(
             f"dataset '{card.id}' has no split '{split}'; choose one of: "
@@ -101,7 +109,7 @@ def load_rows(
     else:
         rows = _load_hub_split(card, config, split)
     if card.label_field and card.label_field in rows.column_names:
-        rows = rows.filter(lambda r: r[card.label_field] is not None and r[card.label_field] >= 0)
+        rows = rows.filter(lambda r: has_label(card, r))
     if limit is not None and limit < len(rows):
         rows = rows.shuffle(seed=seed).select(range(limit))
     return rows

@@ -45,7 +45,7 @@ def evaluate_task(
     seed: int = 0, batch_size: int = 16, bf16: bool = False,
 ) -> TaskResult:
     t0 = time.time()
-    card = get_card(task.dataset)
+    card = get_card(task.dataset).for_config(task.config)
     shots = task.shots if shots is None else shots
     rows = load_rows(task.dataset, task.config, task.split)
     n_total = len(rows)
