@@ -67,3 +67,23 @@ def fpb_rows(data_dir) -> dict[str, list[dict]]:
     root = data_dir / "takala" / "financial_phrasebank"
     configs = ("sentences_50agree", "sentences_66agree", "sentences_75agree", "sentences_allagree")
     return {c: read_jsonl(root / c / "train.jsonl") for c in configs}
+
+
+FIXTURES_DATA = REPO_ROOT / "tests" / "fixtures" / "data"
+
+
+@pytest.fixture(scope="session")
+def merged_data_dir(data_dir, tmp_path_factory) -> Path:
+    """The mirror and the hand-written fixtures (tests/fixtures/data, for datasets, configs and
+    splits the mirror lacks) as one folder of symlinks. Nothing is written into the mirror; a
+    fixture never shadows a mirror file."""
+    root = tmp_path_factory.mktemp("merged-data")
+    for source in (data_dir, FIXTURES_DATA):
+        for path in sorted(source.rglob("*")):
+            if path.suffix not in (".jsonl", ".parquet") or not path.is_file():
+                continue
+            link = root / path.relative_to(source)
+            assert not link.exists(), f"fixture {path} would shadow mirror file {link}"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path.resolve())
+    return root

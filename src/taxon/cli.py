@@ -95,6 +95,30 @@ def data_show(
             console.print("[cyan]completion:[/cyan]", repr(completion), highlight=False)
 
 
+@data_app.command("check")
+def data_check(
+    datasets: Annotated[list[str] | None, typer.Argument(
+        help="Card ids or aliases (default: every card).", show_default=False)] = None,
+    config: Annotated[str | None, typer.Option(help="Only this config.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows per split on which every template is rendered.")]
+    = 2000,
+) -> None:
+    """Load every split of each card from the mirror (or the Hub) and validate it: declared
+    fields, label range, templates on every row checked, empty texts, train/test overlap."""
+    from taxon.data import check
+
+    results = check.run(datasets or [], config, limit)
+    console.print(check.table(results), highlight=False)
+    for line in check.report_lines(results):
+        console.print(line, highlight=False, soft_wrap=True)
+    failed = [r for r in results if r.failed]
+    if failed:
+        err = Console(stderr=True)
+        for r in failed:
+            err.print(r.line(), highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(2)
+
+
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="Alias, Hub id, local folder or checkpoint.")],

@@ -63,6 +63,7 @@ class Override(Spec):
     labels: tuple[str, ...] | None = None
     fields: tuple[str, ...] | None = None
     unlabelled_splits: tuple[str, ...] | None = None
+    skip_empty: tuple[str, ...] | None = None
     templates: TemplateOverride | None = None
 
 
@@ -80,6 +81,7 @@ class Card(Spec):
     labels: tuple[str, ...] | None = None  # names of integer labels 0..n-1
     fields: tuple[str, ...] = ()  # columns every row has (Hub names); `taxon data check` checks them
     unlabelled_splits: tuple[str, ...] = ()  # splits whose answers the Hub hides (e.g. GLUE test)
+    skip_empty: tuple[str, ...] = ()  # rows with any of these columns empty/null are left out
     templates: Templates
     overrides: dict[str, Override] = {}  # per-config differences; see `for_config`
     path: str = ""  # the file the card came from
@@ -100,7 +102,9 @@ class Card(Spec):
                 self.for_config(name)
             except ValidationError as e:
                 err = e.errors()[0]
-                raise ValueError(f"overrides.{name}: {err['msg']}") from None
+                where = ".".join(str(p) for p in err["loc"])
+                msg = err["msg"].removeprefix("Value error, ")
+                raise ValueError(f"overrides.{name}{'.' + where if where else ''}: {msg}") from None
         return self
 
     def for_config(self, config: str | None) -> Card:
@@ -155,7 +159,10 @@ def _read_card(path: Path) -> Card:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise TaxonError(f"dataset card {path}: field '{field}': {err['msg']}; fix the file") from e
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"] and msg.startswith("overrides."):  # raised for one config's override
+            field, _, msg = msg.partition(": ")
+        raise TaxonError(f"dataset card {path}: field '{field}': {msg}; fix the file") from e
 
 
 def _card_files() -> list[Path]:
@@ -170,13 +177,16 @@ def _card_files() -> list[Path]:
 
 @cache
 def _registry(files: tuple[Path, ...]) -> dict[str, Card]:
-    reg: dict[str, Card] = {}
-    for f in files:  # user cards come last and override built-ins with the same id
+    """Ids and aliases to cards. User cards come last and replace a built-in with the same id;
+    the built-in's aliases then name the user's card."""
+    by_id: dict[str, Card] = {}
+    alias_of: dict[str, str] = {}
+    for f in files:
         card = _read_card(f)
-        reg[card.id] = card
+        by_id[card.id] = card
         for alias in card.aliases:
-            reg[alias] = card
-    return reg
+            alias_of[alias] = card.id
+    return {**{a: by_id[i] for a, i in alias_of.items()}, **by_id}
 
 
 def all_cards() -> list[Card]:

@@ -53,7 +53,8 @@ _env.filters["entities"] = entities
 
 
 @cache
-def _template(source: str) -> jinja2.Template:
+def compile_template(source: str) -> jinja2.Template:
+    """A card template, compiled once (raises jinja2.TemplateSyntaxError if it does not parse)."""
     return _env.from_string(source)
 
 
@@ -68,7 +69,7 @@ def _context(card: Card, row: dict) -> dict:
 
 def render(card: Card, template: str, row: dict) -> str:
     try:
-        return _template(template).render(**_context(card, row))
+        return compile_template(template).render(**_context(card, row))
     except jinja2.UndefinedError as e:
         raise TaxonError(f"dataset card {card.path}: template uses {e.message}; fix the card") from e
     except jinja2.TemplateSyntaxError as e:

@@ -92,7 +92,8 @@ def load_rows(
     seed: int = 0,
 ) -> datasets.Dataset:
     """Rows of one split, Hub column names intact. `limit`: a seeded subsample of that size.
-    Rows whose label is missing or negative (hidden test labels) are left out."""
+    Rows whose label is missing or negative (hidden test labels) are left out, and so are rows
+    with an empty value in one of the card's `skip_empty` columns (blank rows some Hub sets have)."""
     card = get_card(dataset).for_config(config)
     config = card.config
     if split not in card.available_splits():
@@ -110,6 +111,10 @@ def load_rows(
         rows = _load_hub_split(card, config, split)
     if card.label_field and card.label_field in rows.column_names:
         rows = rows.filter(lambda r: has_label(card, r))
+    skip = [c for c in card.skip_empty if c in rows.column_names]
+    if skip:
+        rows = rows.filter(lambda r: all(r[c] not in (None, "", [], {}) and
+                                         (not isinstance(r[c], str) or r[c].strip()) for c in skip))
     if limit is not None and limit < len(rows):
         rows = rows.shuffle(seed=seed).select(range(limit))
     return rows
