@@ -99,6 +99,7 @@ def test_template_filters():
     assert render.fromjson('[{"question": "q", "answer": "a"}]') == [{"question": "q", "answer": "a"}]
     assert render.fromjson("[{'question': 'q'}]") == [{"question": "q"}]
     assert render.fromjson([1]) == [1]
+    assert render.fromjson("Q: plain text") == "Q: plain text"
     tokens = ["Evergreen", "Solar", "Inc", "hired", "John", "Smith", "in", "Boston", "Mass"]
     io = ["I-ORG", "I-ORG", "I-ORG", "O", "I-PER", "I-PER", "O", "I-LOC", "I-LOC"]
     assert render.entities(tokens, io) == [
@@ -127,3 +128,29 @@ def test_mixture_and_eval_use_the_config_card(merged_data_dir, monkeypatch, tiny
     task = TaskSpec(name="rte", dataset="glue", config="rte", split="validation")
     result = evaluate_task(model, tok, task)
     assert result.n == 3 and result.metrics["per_class"].keys() >= {"entailment", "not_entailment"}
+
+
+def test_check_streams_from_the_hub_when_no_mirror_has_the_dataset(tmp_path, monkeypatch):
+    """No mirror copy, Hub reachable: the first `limit` rows of each Hub split are streamed."""
+    import datasets
+
+    from taxon import hub
+    from taxon.data import check
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, streaming=False):
+        calls.append((path, name, split, streaming))
+        rows = [{"question": f"What is {i} + 1?", "answer": f"{i + 1}"} for i in range(50)]
+        return datasets.IterableDataset.from_generator(lambda: iter(rows))
+
+    monkeypatch.setenv("TAXON_DATA_DIR", str(tmp_path))  # an empty mirror
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    result = check.run(["gsm8k"], config="socratic", limit=10)[0]
+    assert result.source == "hub" and not result.failed, result.all_problems()
+    assert [(s.split, s.rows, s.checked) for s in result.splits] == [("train", 10, 10),
+                                                                     ("test", 10, 10)]
+    assert result.splits[1].in_train == 10  # the fake serves the same rows for both splits
+    assert calls == [("openai/gsm8k", "socratic", "train", True),
+                     ("openai/gsm8k", "socratic", "test", True)]

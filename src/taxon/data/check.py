@@ -68,7 +68,7 @@ class CardCheck:
     def line(self) -> str:
         """One line for a failing card: what failed first and how much more there is."""
         problems = self.all_problems()
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         return f"{self.card.id}: {problems[0]}{more}"
 
 
@@ -109,10 +109,10 @@ def _render_all(card: Card, template: str, rows: list[dict]) -> tuple[list[str |
 def _check_rows(card: Card, split: str, rows: datasets.Dataset, limit: int, result: SplitCheck,
                 ) -> list[str | None]:
     """Validate one split's rows into `result`; return the rendered texts (for the overlap)."""
-    missing = sorted(
-        ({*card.fields, card.label_field} | ({card.carve.key} if card.carve else set())) - {None}
-        - set(rows.column_names)
-    )
+    declared = {*card.fields, card.label_field}
+    if card.carve:
+        declared |= {card.carve.key, card.carve.stratify}
+    missing = sorted(declared - {None} - set(rows.column_names))
     if missing:
         result.problems.append(f"missing column(s) {', '.join(missing)} "
                                f"(columns are: {', '.join(rows.column_names)})")
@@ -122,10 +122,11 @@ def _check_rows(card: Card, split: str, rows: datasets.Dataset, limit: int, resu
     all_rows = rows.select(range(min(n, max(limit, OVERLAP_LIMIT)))).to_list()
     sample = all_rows[:limit]
     if card.label_field and card.labels:
-        bad = [r[card.label_field] for r in sample
-               if not (isinstance(r[card.label_field], int) and 0 <= r[card.label_field] < len(card.labels))]
+        n_labels = len(card.labels)
+        values = (r[card.label_field] for r in sample)
+        bad = [v for v in values if not (isinstance(v, int) and 0 <= v < n_labels)]
         if bad:
-            result.problems.append(f"{len(bad)} label(s) outside 0..{len(card.labels) - 1}, "
+            result.problems.append(f"{len(bad)} label(s) outside 0..{n_labels - 1}, "
                                    f"e.g. {bad[0]!r}")
     texts, errors = _render_all(card, card.templates.text, all_rows)
     for msg in errors[:3]:
@@ -147,6 +148,20 @@ def _check_rows(card: Card, split: str, rows: datasets.Dataset, limit: int, resu
         if empty and not (name == "completion" and split in card.unlabelled_splits):
             result.problems.append(f"{empty} row(s) render an empty {name}")
     return texts
+
+
+def _note_left_out(card: Card, config: str, split: str, kept: int, result: SplitCheck) -> None:
+    """Say how many mirror rows loading left out (hidden labels, blank `skip_empty` columns)."""
+    dropped = len(_load_hub_split(card, config, split)) - kept
+    if not dropped:
+        return
+    why = " or ".join((["without a label"] if card.label_field else [])
+                      + ([f"with an empty {'/'.join(card.skip_empty)}"] if card.skip_empty else []))
+    if kept:
+        result.notes.append(f"{dropped:,} rows {why} left out")
+    else:
+        hidden = " (the Hub hides them)" if split in card.unlabelled_splits else ""
+        result.notes.append(f"all {dropped:,} rows are {why}{hidden}")
 
 
 def _train_split(card: Card) -> str | None:
@@ -171,14 +186,14 @@ def _check_config(card: Card, config: str, source: str, limit: int) -> list[Spli
                     continue
                 rows = load_rows(card.id, config, split)
                 if (card.label_field or card.skip_empty) and not carved:
-                    dropped = len(_load_hub_split(card, config, split)) - len(rows)
-                    reasons = (["without a label"] if card.label_field else []) + (
-                        [f"with an empty {'/'.join(card.skip_empty)}"] if card.skip_empty else [])
-                    if dropped and len(rows):
-                        result.notes.append(f"{dropped:,} rows {' or '.join(reasons)} left out")
-                    elif dropped:
-                        hidden = " (the Hub hides them)" if split in card.unlabelled_splits else ""
-                        result.notes.append(f"all {dropped:,} rows are {' or '.join(reasons)}{hidden}")
+                    _note_left_out(card, config, split, len(rows), result)
+            else:
+                if carved:  # streamed Hub rows cannot be carved; check the split it is cut from
+                    if split == card.carve.test:
+                        out.pop()
+                        continue
+                    result.split = hub_split
+                rows = _hub_split(card, config, hub_split, limit)
         except Exception as e:  # missing file, bad JSON, a type the loader cannot cast
             result.problems.append(f"cannot load: {e}")
             continue
@@ -207,7 +222,7 @@ def _check_config(card: Card, config: str, source: str, limit: int) -> list[Spli
 def check_card(card: Card, config: str | None = None, limit: int = LIMIT,
                named: bool = False) -> CardCheck:
     result = CardCheck(card, named=named)
-    for c in card.overrides or [card.config]:
+    for c in dict.fromkeys([card.config, *card.overrides]):
         templates = card.for_config(c).templates
         for name in ("text", "prompt", "completion"):
             source = getattr(templates, name)
@@ -227,10 +242,11 @@ def check_card(card: Card, config: str | None = None, limit: int = LIMIT,
             result.notes.append(f"mirror has configs the card does not list: {', '.join(extra)}")
         configs = [c for c in wanted if c in here]
         if not configs and named:
-            result.problems.append(f"config {config} is not in the mirror "
-                                   f"(it has: {', '.join(here)})")
+            what = f"config {config} is not" if config else "none of the card's configs is"
+            result.problems.append(f"{what} in the mirror (it has: {', '.join(here)})")
     elif hub.reachable():
         result.source = "hub"
+        result.notes.append(f"streamed from the Hub: the first {limit:,} rows of each split")
         configs = wanted
     else:
         if named:

@@ -2,7 +2,7 @@
 
 Templates are Jinja2 strings in the card; a row's columns are the variables, plus `label_name`
 for classification cards. Two filters help with nested columns: `fromjson` (a JSON or
-Python-literal string to its value; other values pass through) and `entities` (tokens and their
+Python-literal string to its value; anything else passes through) and `entities` (tokens and their
 IO/BIO tags to a list of {text, type} spans). Chat formatting for instruct models is applied here
 too, so training and evaluation format a prompt the same way.
 """
@@ -20,13 +20,18 @@ from taxon.errors import TaxonError
 
 
 def fromjson(value):
-    """A column that holds JSON (or a Python literal) as a string, as its value."""
+    """A column that holds JSON (or a Python literal) as a string, as its value; a string that is
+    neither comes back unchanged."""
     if not isinstance(value, str):
         return value
     try:
         return json.loads(value)
     except ValueError:
+        pass
+    try:
         return ast.literal_eval(value)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return value
 
 
 def entities(tokens: list[str], tags: list[str]) -> list[dict]:
