@@ -66,7 +66,7 @@ def data_list() -> None:
     table = Table("id", "aliases", "kind", "configs", "splits", "loads from")
     for c in all_cards():
         table.add_row(c.id, ", ".join(c.aliases), c.kind, ", ".join(c.configs),
-                      ", ".join(c.available_splits()), where(c))
+                      ", ".join(c.for_config(None).available_splits()), where(c))
     console.print(table)
 
 
