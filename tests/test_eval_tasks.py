@@ -169,3 +169,11 @@ def test_old_store_schema_keeps_working(tmp_path):
     fresh.add_result("m", "new", R)
     assert fresh.predictions("m", "new") == got
     assert json.loads(fresh.db.execute("SELECT gold FROM predictions WHERE idx=0").fetchone()[0]) == "18"
+
+
+def test_perplexity_windows_fit_the_models_context(tiny_model):
+    model, tok = tiny_model
+    task = get_task("eval_domain").model_copy(update={"max_length": 4096})
+    r = evaluate_task(model, tok, task, limit=1)
+    assert r.metrics["settings"]["max_length"] == model.config.max_position_embeddings == 1024
+    assert r.predictions[0]["scores"]["tokens"] == 1023

@@ -170,23 +170,26 @@ def _perplexity(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_s
                 bf16) -> TaskResult:
     """Within a window every token but the first is predicted from the tokens before it in the
     same window (no context carries over between windows). Loss: summed token NLL over all
-    predicted tokens / their number; perplexity: exp(loss)."""
+    predicted tokens / their number; perplexity: exp(loss). Windows are `task.max_length` tokens,
+    or the model's context if that is shorter (the length used is in the settings)."""
     card = get_card(task.dataset)
     rows = load_rows(task.dataset, task.config, task.split)
     texts = [render.as_text(card, r) for r in rows]
-    windows = perplexity_windows(tokenizer, texts, task.max_length)
+    # A model with a shorter context than the task's windows gets windows of its own context.
+    length = min(task.max_length, getattr(model.config, "max_position_embeddings", None) or task.max_length)
+    windows = perplexity_windows(tokenizer, texts, length)
     n_total = len(windows)
     idxs = list(range(n_total))
     if limit is not None and limit < n_total:
         idxs = sorted(int(i) for i in np.random.default_rng(seed).permutation(n_total)[:limit])
     requests = [(windows[i][:1], windows[i][1:]) for i in idxs]
-    per_batch = max(1, min(batch_size, PERPLEXITY_TOKENS_PER_BATCH // task.max_length))
+    per_batch = max(1, min(batch_size, PERPLEXITY_TOKENS_PER_BATCH // length))
     ll = loglikelihoods(model, requests, tokenizer.pad_token_id, batch_size=per_batch, bf16=bf16,
                         desc=task.name)
     nll = [-x for x in ll]
     tokens = [len(c) for _, c in requests]
     metrics = perplexity_report(nll, tokens, seed=seed)
-    metrics["settings"] = {"max_length": task.max_length, "windows": "non-overlapping",
+    metrics["settings"] = {"max_length": length, "windows": "non-overlapping",
                            "documents": sum(1 for t in texts if t.strip())}
     predictions = [{"idx": i, "gold": None, "pred": None, "scores": {"nll": v, "tokens": t}}
                    for i, v, t in zip(idxs, nll, tokens, strict=True)]
