@@ -40,8 +40,8 @@ class Reference(Spec):
 
 Output = Literal["multiple_choice", "generate", "perplexity"]
 
-# The metrics each output type can report; the first tuple is also its default list, the second
-# value its default primary metric. `bleu` stands for bleu_1 .. bleu_4.
+# Per output type: (the metrics it can report, its default metrics, its default primary metric).
+# `bleu` stands for bleu_1 .. bleu_4.
 METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "multiple_choice": (("accuracy", "macro_f1", "weighted_f1", "ece"),
                         ("accuracy", "macro_f1", "weighted_f1", "ece"), "macro_f1"),
