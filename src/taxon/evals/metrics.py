@@ -1,11 +1,19 @@
-"""Metrics researchers report for classification, with bootstrap confidence intervals.
+"""Metrics researchers report, with bootstrap confidence intervals over test items.
 
-The point values come from scikit-learn; intervals from scipy's bootstrap over test items.
+Classification: point values from scikit-learn. Generation: SQuAD-style exact match and token
+F1, ROUGE-L (the `rouge-score` package), corpus BLEU-1..4 (`sacrebleu`) and numeric accuracy
+within a relative tolerance. Perplexity: mean token loss and its exponential. Intervals: scipy's
+percentile bootstrap over resampled items (windows, for perplexity), 1,000 resamples; corpus-level
+scores (BLEU, loss) are recomputed from the resampled items' summed statistics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.stats import bootstrap
@@ -78,3 +86,149 @@ def bootstrap_ci(stat: Callable[[np.ndarray], float], n: int, seed: int, n_resam
         random_state=np.random.default_rng(seed),
     )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+# --- generation -------------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+NUMBER = re.compile(r"(?:(?<!\w)-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")  # minus only as a sign, not "16-3"
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD's normalisation: lowercase, drop punctuation, drop articles, collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def exact_match(gold: str, pred: str) -> float:
+    return float(normalize_answer(gold) == normalize_answer(pred))
+
+
+def token_f1(gold: str, pred: str) -> float:
+    """SQuAD token F1 over normalised tokens; when either side is empty, 1 if both are, else 0."""
+    g, p = normalize_answer(gold).split(), normalize_answer(pred).split()
+    if not g or not p:
+        return float(g == p)
+    same = sum((Counter(g) & Counter(p)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def parse_number(text: str) -> float | None:
+    """The number a string states: the whole string if it is one (commas, `$`, `%` dropped),
+    else the last number in it; None if there is none."""
+    t = text.strip().replace(",", "").replace("$", "").rstrip("%.").strip()
+    try:
+        value = float(t)
+    except ValueError:
+        found = NUMBER.findall(text)
+        if not found:
+            return None
+        value = float(found[-1].replace(",", ""))
+    return value if math.isfinite(value) else None
+
+
+def numeric_match(gold: str, pred: str, rel_tol: float = 1e-2) -> float:
+    """1 when both parse as numbers and |pred - gold| <= rel_tol * |gold| (rel_tol 0: equal)."""
+    g, p = parse_number(gold), parse_number(pred)
+    if g is None or p is None:
+        return 0.0
+    return float(abs(p - g) <= rel_tol * abs(g))
+
+
+def rouge_l(golds: Sequence[str], preds: Sequence[str]) -> list[float]:
+    """ROUGE-L F-measure per item (rouge-score, Porter stemming on)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(g, p)["rougeL"].fmeasure for g, p in zip(golds, preds, strict=True)]
+
+
+BLEU_ORDER = 4
+
+
+def bleu_statistics(golds: Sequence[str], preds: Sequence[str]) -> np.ndarray:
+    """Per item: [hyp_len, ref_len, matches_1..4, totals_1..4] as sacrebleu counts them (13a
+    tokenisation). Corpus BLEU is computed from their sums, so resampling items is cheap."""
+    from sacrebleu.metrics import BLEU
+
+    return np.array(BLEU(max_ngram_order=BLEU_ORDER)._extract_corpus_statistics(
+        list(preds), [list(golds)]), dtype=np.int64)
+
+
+def bleu_from_statistics(stats: np.ndarray, order: int) -> float:
+    """Corpus BLEU-`order` (sacrebleu's default exponential smoothing) on a 0-1 scale from the
+    summed per-item statistics."""
+    from sacrebleu.metrics import BLEU
+
+    total = stats.sum(axis=0) if stats.ndim == 2 else stats
+    matches = total[2 : 2 + BLEU_ORDER][:order].tolist()
+    counts = total[2 + BLEU_ORDER :][:order].tolist()
+    score = BLEU.compute_bleu(matches, counts, int(total[0]), int(total[1]), smooth_method="exp",
+                              max_ngram_order=order)
+    return score.score / 100
+
+
+def generation_scores(golds: Sequence[str], preds: Sequence[str], names: Sequence[str],
+                      rel_tol: float = 1e-2) -> dict[str, list[float]]:
+    """Per-item values of the item-level metrics among `names` (BLEU is corpus-level: none)."""
+    out: dict[str, list[float]] = {}
+    for name in names:
+        if name == "exact_match":
+            out[name] = [exact_match(g, p) for g, p in zip(golds, preds, strict=True)]
+        elif name == "token_f1":
+            out[name] = [token_f1(g, p) for g, p in zip(golds, preds, strict=True)]
+        elif name == "rouge_l":
+            out[name] = rouge_l(golds, preds)
+        elif name == "numeric_accuracy":
+            out[name] = [numeric_match(g, p, rel_tol) for g, p in zip(golds, preds, strict=True)]
+        elif not re.fullmatch(r"bleu_[1-4]", name):
+            raise ValueError(f"unknown generation metric '{name}'")
+    return out
+
+
+def generation_report(golds: Sequence[str], preds: Sequence[str], names: Sequence[str],
+                      rel_tol: float = 1e-2, seed: int = 0, n_resamples: int = 1000,
+                      items: dict[str, list[float]] | None = None) -> dict:
+    """{metric: {value, low, high}} for each name in `names` (bleu_1..bleu_4 spelled out).
+    Item-level metrics are means over items; BLEU is corpus-level, its interval from resampled
+    items. `items`: per-item values already computed by `generation_scores`."""
+    items = items if items is not None else generation_scores(golds, preds, names, rel_tol)
+    stats = bleu_statistics(golds, preds) if any(n.startswith("bleu_") for n in names) else None
+    out: dict = {}
+    for name in names:
+        if name in items:
+            values = np.asarray(items[name], dtype=float)
+            value = float(values.mean())
+            low, high = bootstrap_ci(lambda idx, v=values: float(v[idx].mean()), len(values), seed,
+                                     n_resamples)
+        else:
+            order = int(name.rsplit("_", 1)[1])
+            assert stats is not None
+            value = bleu_from_statistics(stats, order)
+            low, high = bootstrap_ci(lambda idx, k=order: bleu_from_statistics(stats[idx], k),
+                                     len(stats), seed, n_resamples)
+        out[name] = {"value": value, "low": low, "high": high}
+    return out
+
+
+# --- perplexity -------------------------------------------------------------------------------
+
+
+def perplexity_report(nll: Sequence[float], tokens: Sequence[int], seed: int = 0,
+                      n_resamples: int = 1000) -> dict:
+    """loss = total NLL / total predicted tokens (nats per token), perplexity = exp(loss); both
+    with a percentile interval over resampled windows (exp is monotone: the perplexity interval
+    is exp of the loss interval)."""
+    nll_a, tok_a = np.asarray(nll, dtype=float), np.asarray(tokens, dtype=float)
+    loss = float(nll_a.sum() / tok_a.sum())
+    low, high = bootstrap_ci(lambda idx: float(nll_a[idx].sum() / tok_a[idx].sum()), len(nll_a),
+                             seed, n_resamples)
+    return {
+        "loss": {"value": loss, "low": low, "high": high},
+        "perplexity": {"value": math.exp(loss), "low": math.exp(low), "high": math.exp(high)},
+        "tokens": int(tok_a.sum()),
+    }

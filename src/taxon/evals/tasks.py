@@ -1,13 +1,24 @@
-"""Evaluation tasks: YAML files in `tasks/`, each naming its card, split, output type and metrics."""
+"""Evaluation tasks: YAML files in `tasks/`, each naming its card, split, output type and metrics.
+
+Three output types, each with one code path in `evaluate.py`:
+
+- `multiple_choice`: each label's verbaliser scored by log-likelihood; the best one is the answer.
+- `generate`: greedy generation until a stop string, EOS or `max_new_tokens`; `extractor` takes
+  the answer out of the generated text (and out of the reference completion, unless `target`
+  gives the gold answer as its own template).
+- `perplexity`: loss and perplexity of the split's texts, in non-overlapping `max_length` windows.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from functools import cache
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from taxon.config import Spec, parse
 from taxon.data.cards import get_card
@@ -27,6 +38,36 @@ class Reference(Spec):
     note: str = ""
 
 
+Output = Literal["multiple_choice", "generate", "perplexity"]
+
+# Per output type: (the metrics it can report, its default metrics, its default primary metric).
+# `bleu` stands for bleu_1 .. bleu_4.
+METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "multiple_choice": (("accuracy", "macro_f1", "weighted_f1", "ece"),
+                        ("accuracy", "macro_f1", "weighted_f1", "ece"), "macro_f1"),
+    "generate": (("exact_match", "token_f1", "rouge_l", "bleu", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
+                  "numeric_accuracy"), ("exact_match", "token_f1"), "exact_match"),
+    "perplexity": (("loss", "perplexity"), ("loss", "perplexity"), "perplexity"),
+}
+# Fields that only one output type reads. They are left out of the canonical form of other tasks,
+# so adding them did not change the identity (eval key) of the existing multiple-choice tasks.
+OUTPUT_FIELDS = {
+    "generate": ("max_new_tokens", "stop", "extractor", "target", "rel_tol"),
+    "perplexity": ("max_length",),
+}
+EXTRACTORS = ("first_line", "last_number", "regex:<pattern>")
+
+
+def expand_metrics(names) -> tuple[str, ...]:
+    """`bleu` -> bleu_1 .. bleu_4; every other name stays."""
+    out: list[str] = []
+    for n in names:
+        for m in ([f"bleu_{k}" for k in range(1, 5)] if n == "bleu" else [n]):
+            if m not in out:
+                out.append(m)
+    return tuple(out)
+
+
 class TaskSpec(Spec):
     name: str
     description: str = ""
@@ -34,12 +75,65 @@ class TaskSpec(Spec):
     config: str | None = None
     split: str = "test"
     fewshot_split: str = "train"  # demonstrations come from here, never from `split`
-    output: Literal["multiple_choice"] = "multiple_choice"
+    output: Output = "multiple_choice"
     shots: int = Field(0, ge=0)
     chat: bool | None = None  # None: use the chat template when the model has one
-    metrics: tuple[str, ...] = ("accuracy", "macro_f1", "weighted_f1", "ece")
+    metrics: tuple[str, ...] = METRICS["multiple_choice"][1]  # default: by output (see METRICS)
     primary: str = "macro_f1"
     references: tuple[Reference, ...] = ()
+    # output: generate
+    max_new_tokens: int = Field(256, ge=1)
+    stop: tuple[str, ...] = ()  # the generated text is cut at the first of these
+    extractor: str = "first_line"  # first_line | last_number | regex:<pattern>
+    target: str | None = None  # Jinja template of the gold answer; None: extractor(completion)
+    rel_tol: float = Field(1e-2, ge=0)  # numeric_accuracy: |pred - gold| <= rel_tol * |gold|
+    # output: perplexity
+    max_length: int = Field(1024, ge=2)  # window length in tokens
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_by_output(cls, data):
+        if isinstance(data, dict):
+            output = data.get("output", "multiple_choice")
+            if output in METRICS:
+                data = {"metrics": METRICS[output][1], "primary": METRICS[output][2], **data}
+        return data
+
+    @field_validator("extractor")
+    @classmethod
+    def _known_extractor(cls, v: str) -> str:
+        if v.startswith("regex:"):
+            try:
+                re.compile(v[len("regex:"):])
+            except re.error as e:
+                raise ValueError(f"extractor {v!r}: bad regular expression ({e})") from e
+        elif v not in EXTRACTORS:
+            raise ValueError(f"unknown extractor {v!r}; use one of: {', '.join(EXTRACTORS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _metrics_fit_output(self) -> TaskSpec:
+        known = METRICS[self.output][0]
+        bad = [m for m in self.metrics if m not in known]
+        if bad:
+            raise ValueError(f"metrics {bad} do not apply to output '{self.output}'; "
+                             f"choose from: {', '.join(known)}")
+        if self.primary not in self.all_metrics:
+            raise ValueError(f"primary metric '{self.primary}' is not one of metrics {list(self.metrics)}")
+        return self
+
+    @property
+    def all_metrics(self) -> tuple[str, ...]:
+        """The scalar metrics this task reports, `bleu` expanded."""
+        return expand_metrics(self.metrics)
+
+    def canonical(self) -> str:
+        data = self.model_dump(mode="json")
+        for output, fields in OUTPUT_FIELDS.items():
+            if output != self.output:
+                for f in fields:
+                    data.pop(f)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 @cache

@@ -1,12 +1,30 @@
 """Results tables from the store: each score with its 95% bootstrap interval and, where a
-published large-model score exists, the percentage of it that the small model reaches."""
+published large-model score exists, the percentage of it that the small model reaches.
+
+One table per output type present (multiple choice, generation, perplexity), one row per
+(experiment, task); a table's metric columns are the metrics its tasks report, so each task shows
+its own metrics and a task without a metric shows '-'.
+"""
 
 from __future__ import annotations
 
 from taxon.evals.tasks import get_task
 from taxon.study.store import Store
 
-COLUMNS = ("accuracy", "macro_f1", "weighted_f1", "ece")
+COLUMNS = ("accuracy", "macro_f1", "weighted_f1", "ece")  # the multiple-choice metrics
+SECTIONS = {"multiple_choice": "Multiple choice", "generate": "Generation",
+            "perplexity": "Perplexity"}
+NOTES = {
+    "multiple_choice": "Multiple choice: each label scored by log-likelihood. ECE: lower is better.",
+    "generate": "Generation: greedy; the answer is extracted from the text before the first stop "
+                "string. exact_match and token_f1 after SQuAD normalisation (lowercase, no "
+                "punctuation or articles); rouge_l: ROUGE-L F1; bleu_n: corpus BLEU-n (sacrebleu, "
+                "0-1 scale), its interval from resampled items; numeric_accuracy: the answer "
+                "within the task's relative tolerance of the reference number.",
+    "perplexity": "Perplexity: `n` counts windows (documents joined with EOS, cut into "
+                  "non-overlapping windows of the task's max_length tokens; the interval resamples "
+                  "windows); loss in nats per predicted token; lower is better.",
+}
 
 
 def _cell(m: dict | None) -> str:
@@ -15,15 +33,31 @@ def _cell(m: dict | None) -> str:
     return f"{m['value']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
+def _scalars(metrics: dict) -> list[str]:
+    return [k for k, v in metrics.items() if isinstance(v, dict) and "value" in v]
+
+
 def results_table(store: Store, study: str | None = None) -> str:
-    """Markdown: one row per (experiment, task)."""
-    head = ["experiment", "task", "n", *COLUMNS, "large-model reference", "% of reference"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    notes: dict[str, str] = {}
-    precisions: set[str] = set()
+    """Markdown: per output type, one row per (experiment, task)."""
+    rows: dict[str, list[tuple[dict, dict, object]]] = {k: [] for k in SECTIONS}
     for exp in store.experiments(study):
         for r in store.results(exp["model_key"]):
             task = get_task(r["task"])
+            rows[task.output].append((exp, r, task))
+    present = [k for k in SECTIONS if rows[k]] or ["multiple_choice"]
+    lines: list[str] = []
+    notes: dict[str, str] = {}
+    precisions: set[str] = set()
+    for output in present:
+        columns: list[str] = list(COLUMNS) if output == "multiple_choice" else []
+        for _, r, _ in rows[output]:
+            columns += [c for c in _scalars(r["metrics"]) if c not in columns]
+        extra = ["tokens"] if output == "perplexity" else []
+        head = ["experiment", "task", "n", *extra, *columns, "large-model reference", "% of reference"]
+        if len(present) > 1:
+            lines += [f"**{SECTIONS[output]}**", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for exp, r, task in rows[output]:
             m = r["metrics"]
             precisions.add(m.get("settings", {}).get("precision", "fp32"))
             ref_cell, pct = "-", "-"
@@ -35,14 +69,17 @@ def results_table(store: Store, study: str | None = None) -> str:
                 notes[task.name] = f"{ref.model} on {task.name}: {ref.source}"
             n = f"{r['n']}" + (f" of {r['n_total']}" if r["n"] < r["n_total"] else "")
             shots = f" ({r['shots']}-shot)" if r["shots"] else ""
-            row = [exp["name"], task.name + shots, n, *(_cell(m.get(c)) for c in COLUMNS),
+            tokens = [f"{m.get('tokens', 0):,}"] if extra else []
+            row = [exp["name"], task.name + shots, n, *tokens, *(_cell(m.get(c)) for c in columns),
                    ref_cell, pct]
             lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+        lines.append("")
     lines.append("Cells: value [95% bootstrap interval over test items, 1,000 resamples]. "
-                 "`n` of `N`: a seeded subsample of the test split. ECE: lower is better. "
+                 "`n` of `N`: a seeded subsample of the test split. "
                  f"Scored in {' and '.join(sorted(precisions)) or 'fp32'}"
                  f"{' (autocast)' if 'bf16' in precisions else ''}.")
+    for output in present:
+        lines.append(f"- {NOTES[output]}")
     for note in notes.values():
         lines.append(f"- {note}")
     return "\n".join(lines)

@@ -1,5 +1,11 @@
 """The results store: one SQLite file (WAL) with stages, experiments, results and per-example
-predictions. Each write is one transaction, so a killed run leaves whole rows or none."""
+predictions. Each write is one transaction, so a killed run leaves whole rows or none.
+
+A prediction's `gold` and `pred` are JSON: label indices for multiple choice, answer strings for
+generation, null for perplexity windows; `scores` is JSON too (choice log-likelihoods; the raw
+generation and per-item metric values; a window's NLL and token count). Stores created before
+generation declared gold/pred INTEGER; JSON text reads back the same from those columns (SQLite
+keeps '"18"' as text and turns '1' into 1), so old stores keep working without a migration."""
 
 from __future__ import annotations
 
@@ -21,9 +27,14 @@ CREATE TABLE IF NOT EXISTS results (
     n INTEGER NOT NULL, n_total INTEGER NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL,
     created REAL NOT NULL, PRIMARY KEY (model_key, eval_key));
 CREATE TABLE IF NOT EXISTS predictions (
-    model_key TEXT NOT NULL, eval_key TEXT NOT NULL, idx INTEGER NOT NULL, gold INTEGER NOT NULL,
-    pred INTEGER NOT NULL, scores TEXT NOT NULL, PRIMARY KEY (model_key, eval_key, idx));
+    model_key TEXT NOT NULL, eval_key TEXT NOT NULL, idx INTEGER NOT NULL, gold TEXT NOT NULL,
+    pred TEXT NOT NULL, scores TEXT NOT NULL, PRIMARY KEY (model_key, eval_key, idx));
 """
+
+
+def _from_json(value):
+    """A gold/pred cell: JSON text, or a number SQLite converted in an INTEGER column."""
+    return value if value is None or isinstance(value, int | float) else json.loads(value)
 
 
 class Store:
@@ -77,7 +88,8 @@ class Store:
                             (model_key, eval_key))
             self.db.executemany(
                 "INSERT INTO predictions VALUES (?,?,?,?,?,?)",
-                [(model_key, eval_key, p["idx"], p["gold"], p["pred"], json.dumps(p["scores"]))
+                [(model_key, eval_key, p["idx"], json.dumps(p["gold"]), json.dumps(p["pred"]),
+                  json.dumps(p["scores"]))
                  for p in result.predictions],
             )
 
@@ -88,5 +100,6 @@ class Store:
 
     def predictions(self, model_key: str, eval_key: str) -> list[dict]:
         q = "SELECT idx, gold, pred, scores FROM predictions WHERE model_key=? AND eval_key=?"
-        return [{**dict(r), "scores": json.loads(r["scores"])}
+        return [{"idx": r["idx"], "gold": _from_json(r["gold"]), "pred": _from_json(r["pred"]),
+                 "scores": json.loads(r["scores"])}
                 for r in self.db.execute(q + " ORDER BY idx", (model_key, eval_key))]
