@@ -13,6 +13,7 @@ import resource
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,6 +68,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
+    # transformers 5 warns that its own Trainer reads the deprecated gradient-checkpointing flag.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     t0 = time.time()
     model, tokenizer = load_model(base)
     chat = render.uses_chat(tokenizer, None)
