@@ -143,7 +143,10 @@ def parse(spec_type: type[Spec], data: dict, source: str) -> Spec:
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise TaxonError(f"{source}: field '{field}': {err['msg']}; fix the file") from e
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"] and ": " in msg and msg.split(": ", 1)[0].startswith("overrides."):
+            field, _, msg = msg.partition(": ")  # a model validator that names the field itself
+        raise TaxonError(f"{source}: field '{field}': {msg}; fix the file") from e
 
 
 def load_study(path: str | Path) -> StudySpec:

@@ -85,13 +85,18 @@ def prepare(name: str) -> Path | str:
     return _build_tiny(name, entry)
 
 
-def _atomic_save(model, tokenizer, dest: Path) -> Path:
-    """Write to a sibling temp folder, then rename: a killed conversion leaves nothing half-done."""
+def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None) -> Path:
+    """Write model, tokenizer (and `STAGE_META` when given) to a sibling temp folder, then rename
+    it into place: a killed run never leaves a folder that looks complete. An existing `dest` is
+    replaced; if another process renames its copy in first, ours is discarded."""
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if meta is not None:
+        (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
     dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
     try:
         tmp.rename(dest)
     except OSError:  # another process finished first
@@ -114,7 +119,7 @@ def _convert_gguf(alias: str, gguf_path: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    return _atomic_save(model, tokenizer, dest)
+    return atomic_save(model, tokenizer, dest)
 
 
 def _build_tiny(alias: str, entry: dict) -> Path:
@@ -132,7 +137,7 @@ def _build_tiny(alias: str, entry: dict) -> Path:
     )
     torch.manual_seed(TINY_SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return _atomic_save(model, tokenizer, _converted_dir(alias))
+    return atomic_save(model, tokenizer, _converted_dir(alias))
 
 
 def _unreachable(name: str, location: str, err: Exception) -> TaxonError:

@@ -7,8 +7,6 @@ the adapter (LoRA) or the full model, the tokenizer, and `taxon_stage.json` (spe
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import shutil
 import tempfile
@@ -23,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from taxon.config import StageSpec
 from taxon.data import mixture, render
-from taxon.models import STAGE_META, bf16_supported, load_model
+from taxon.models import atomic_save, bf16_supported, load_model
 
 
 class _Progress(TrainerCallback):
@@ -134,15 +132,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
         "bf16": bf16,
         "mixture": summary,
     }
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     meta = {"spec": stage.model_dump(mode="json"), "base": str(base), "lora": stage.lora is not None,
             "figures": figures}
-    (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    atomic_save(trainer.model, tokenizer, out, meta)
     shutil.rmtree(scratch, ignore_errors=True)
     return figures

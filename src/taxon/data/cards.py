@@ -10,10 +10,9 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
-from taxon.config import Spec
+from taxon.config import Spec, load_yaml, parse
 from taxon.errors import TaxonError
 from taxon.settings import cards_dir
 
@@ -148,21 +147,8 @@ class Card(Spec):
 
 
 def _read_card(path: Path) -> Card:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise TaxonError(f"dataset card {path}: not valid YAML ({e}); fix the file") from e
-    if not isinstance(data, dict):
-        raise TaxonError(f"dataset card {path}: expected a mapping; fix the file")
-    try:
-        return Card.model_validate({**data, "path": str(path)})
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if not err["loc"] and msg.startswith("overrides."):  # raised for one config's override
-            field, _, msg = msg.partition(": ")
-        raise TaxonError(f"dataset card {path}: field '{field}': {msg}; fix the file") from e
+    data = load_yaml(path)
+    return parse(Card, {**data, "path": str(path)}, f"dataset card {path}")  # type: ignore[return-value]
 
 
 def _card_files() -> list[Path]:
