@@ -46,6 +46,18 @@ class LoraSpec(Spec):
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+class WsdSegment(Spec):
+    """Steps [start, start + steps) of a warmup-stable-decay run whose data stream is
+    `stream_steps` long. The planner sets it when several durations share one trunk: a trunk
+    segment keeps its optimizer state for the segments that continue it; a cooldown segment
+    decays the learning rate over its whole length."""
+
+    start: int = Field(ge=0)
+    stream_steps: int = Field(ge=1)
+    warmup_steps: int = Field(ge=0)
+    cooldown: bool
+
+
 class StageSpec(Spec):
     """One training run. `pretrain`: causal LM on packed fixed-length blocks of text.
     `sft`: loss on completion tokens only, over (prompt, completion) pairs."""
@@ -58,11 +70,33 @@ class StageSpec(Spec):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    schedule: Literal["linear", "cosine", "constant", "constant_with_warmup", "wsd"] = "cosine"
+    # wsd: share of the steps spent in the final cooldown (None: 0.2 for wsd, unused otherwise)
+    decay_ratio: float | None = Field(None, gt=0, lt=1)
+    segment: WsdSegment | None = None  # set by the planner only (a slice of a shared wsd run)
     max_length: int = Field(256, ge=8)
     lora: LoraSpec | None = LoraSpec()  # None: full fine-tuning
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wsd_decay_default(cls, data):
+        # Filled in before hashing, so `wsd` alone and `wsd` with the default ratio are one stage.
+        if isinstance(data, dict) and data.get("schedule") == "wsd" and data.get("decay_ratio") is None:
+            data = {**data, "decay_ratio": 0.2}
+        return data
+
+    @model_validator(mode="after")
+    def _wsd_fields(self) -> StageSpec:
+        if self.schedule != "wsd" and (self.decay_ratio is not None or self.segment is not None):
+            raise ValueError("decay_ratio applies to schedule 'wsd' only; remove it or set schedule: wsd")
+        if self.schedule == "wsd" and self.warmup_ratio + self.decay_ratio > 1:
+            raise ValueError(f"warmup_ratio {self.warmup_ratio} + decay_ratio {self.decay_ratio} exceed 1; "
+                             "lower one of them")
+        if self.segment is not None and self.segment.start + self.steps > self.segment.stream_steps:
+            raise ValueError("segment ends after its data stream; segments are made by the planner")
+        return self
 
     @model_validator(mode="after")
     def _rates_sum_to_one(self) -> StageSpec:

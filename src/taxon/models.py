@@ -85,14 +85,17 @@ def prepare(name: str) -> Path | str:
     return _build_tiny(name, entry)
 
 
-def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None) -> Path:
-    """Write model, tokenizer (and `STAGE_META` when given) to a sibling temp folder, then rename
-    it into place: a killed run never leaves a folder that looks complete. An existing `dest` is
-    replaced; if another process renames its copy in first, ours is discarded."""
+def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None, extra=()) -> Path:
+    """Write model, tokenizer, the files `extra` (copied) and `STAGE_META` when given to a sibling
+    temp folder, then rename it into place: a killed run never leaves a folder that looks
+    complete. An existing `dest` is replaced; if another process renames its copy in first, ours
+    is discarded."""
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for path in extra:
+        shutil.copy2(path, tmp / Path(path).name)
     if meta is not None:
         (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from taxon import schedule
 from taxon.config import StageSpec
 from taxon.data import mixture, render
 from taxon.models import atomic_save, bf16_supported, load_model
@@ -28,18 +29,20 @@ class _Progress(TrainerCallback):
     """One bar per stage: steps, loss, and non-padding tokens per second."""
 
     def __init__(self, desc: str):
-        self.desc, self.bar, self.t0 = desc, None, 0.0
+        self.desc, self.bar, self.t0, self.tokens0 = desc, None, 0.0, 0
 
     def on_train_begin(self, args, state, control, **kw):
-        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", dynamic_ncols=True)
-        self.t0 = time.time()
+        # A resumed wsd segment starts at the trunk's step, with the trunk's tokens already counted.
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                        dynamic_ncols=True)
+        self.t0, self.tokens0 = time.time(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kw):
         self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if self.bar is not None and logs and "loss" in logs:
-            rate = state.num_input_tokens_seen / max(time.time() - self.t0, 1e-9)
+            rate = (state.num_input_tokens_seen - self.tokens0) / max(time.time() - self.t0, 1e-9)
             self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{rate:.0f}")
 
     def on_train_end(self, args, state, control, **kw):
@@ -57,11 +60,13 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> dict:
+def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", callbacks=()) -> dict:
     """Train `stage` starting from `base` (model name or parent checkpoint); write `out`.
 
     The checkpoint is written to a temporary sibling and renamed into place at the end, so a
-    killed run never leaves a folder that looks complete.
+    killed run never leaves a folder that looks complete. A wsd segment (`stage.segment`) that
+    starts after step 0 continues `base`, its parent segment, exactly (see `schedule`).
+    `callbacks`: extra TrainerCallbacks that watch the run.
     """
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -69,9 +74,10 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
     # transformers 5 warns that its own Trainer reads the deprecated gradient-checkpointing flag.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     t0 = time.time()
+    base, resume = schedule.resume_point(stage, base)
     model, tokenizer = load_model(base)
     chat = render.uses_chat(tokenizer, None)
-    train_set, summary = mixture.build(stage, tokenizer, chat)
+    train_set, summary = mixture.build(schedule.data_stage(stage), tokenizer, chat)
     bf16 = use_bf16(stage.precision)
     peft_config = None
     if stage.lora is not None:
@@ -82,12 +88,10 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
     scratch = Path(tempfile.mkdtemp(prefix="taxon-trainer-"))
     args = SFTConfig(
         output_dir=str(scratch),
-        max_steps=stage.steps,
         per_device_train_batch_size=stage.batch_size,
         gradient_accumulation_steps=stage.grad_accum,
         learning_rate=stage.lr,
-        lr_scheduler_type=stage.schedule,
-        warmup_steps=round(stage.warmup_ratio * stage.steps),
+        **schedule.trainer_args(stage),  # length, learning-rate schedule, checkpointing
         seed=stage.seed,
         data_seed=stage.seed,
         bf16=bf16,
@@ -98,7 +102,6 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
         train_sampling_strategy="group_by_length" if stage.objective == "sft" else "random",
         completion_only_loss=stage.objective == "sft",
         logging_steps=1,
-        save_strategy="no",
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
@@ -107,16 +110,16 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
     )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[_Progress(desc)],
+        peft_config=peft_config, callbacks=[_Progress(desc), schedule.ContinueSchedule(), *callbacks],
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
     t_train = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.time() - t_train
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    tokens = int(trainer.state.num_input_tokens_seen)
+    tokens = int(trainer.state.num_input_tokens_seen) - schedule.tokens_seen(resume)
     figures = {
         "train_loss": result.training_loss,
         "final_loss": next(
@@ -134,6 +137,6 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
     }
     meta = {"spec": stage.model_dump(mode="json"), "base": str(base), "lora": stage.lora is not None,
             "figures": figures}
-    atomic_save(trainer.model, tokenizer, out, meta)
+    atomic_save(trainer.model, tokenizer, out, meta, extra=schedule.resume_files(stage, scratch))
     shutil.rmtree(scratch, ignore_errors=True)
     return figures

@@ -2,6 +2,8 @@
 
 A stage's identity is the hash of its canonical spec and its parent's identity (a model name or
 the parent stage's id), so experiments that begin with the same stages share their checkpoints.
+wsd stages that differ only in length share a trunk (`study/wsd.py`); each planned stage's
+`kind` and `note` say which rule made it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from taxon.config import EvalSpec, StageSpec, StudySpec, digest
 from taxon.evals.tasks import TaskSpec
 from taxon.settings import cache_dir
+from taxon.study import wsd
 
 # Bump when a change to training code makes the same spec produce a different checkpoint.
 RECIPE_VERSION = "1"
@@ -21,7 +24,9 @@ RECIPE_VERSION = "1"
 class PlannedStage:
     id: str
     parent: str  # parent stage id, or "model:<name>"
-    spec: StageSpec
+    spec: StageSpec  # spec.steps: the steps this stage trains (a wsd segment's own length)
+    kind: str = "run"  # "run": a whole run; "trunk" / "cooldown": a segment of a shared wsd run
+    note: str = ""  # e.g. "wsd trunk 0→9000 (shared by 3 of 3 durations)", "own run (cosine)"
 
     @property
     def path(self) -> Path:
@@ -50,16 +55,20 @@ def stage_id(parent: str, spec: StageSpec) -> str:
 
 
 def plan(study: StudySpec) -> list[PlannedExperiment]:
-    out = []
-    for exp in study.experiments:
-        model = exp.model or study.model
-        parent, stages = f"model:{model}", []
-        for spec in exp.stages:
-            sid = stage_id(parent, spec)
-            stages.append(PlannedStage(sid, parent, spec))
-            parent = sid
-        out.append(PlannedExperiment(exp.name, model, tuple(stages)))
-    return out
+    models = [exp.model or study.model for exp in study.experiments]
+    parents = [f"model:{m}" for m in models]
+    chains: list[list[PlannedStage]] = [[] for _ in study.experiments]
+    # Level by level, since a stage's family (for wsd branching) depends on its parent's id.
+    for level in range(max((len(e.stages) for e in study.experiments), default=0)):
+        at = [i for i, e in enumerate(study.experiments) if level < len(e.stages)]
+        expanded = wsd.expand([(parents[i], study.experiments[i].stages[level]) for i in at])
+        for i, steps in zip(at, expanded, strict=True):
+            for step in steps:
+                sid = stage_id(parents[i], step.spec)
+                chains[i].append(PlannedStage(sid, parents[i], step.spec, step.kind, step.note))
+                parents[i] = sid
+    return [PlannedExperiment(exp.name, model, tuple(stages))
+            for exp, model, stages in zip(study.experiments, models, chains, strict=True)]
 
 
 def eval_key(task: TaskSpec, spec: EvalSpec) -> str:

@@ -23,7 +23,7 @@ def _ensure_stage(stage: PlannedStage, location: str, store: Store, console: Con
         figures = json.loads(meta.read_text())["figures"]
     else:
         console.print(f"[bold]train stage {stage.id}[/bold] ({label}): {stage.spec.objective}, "
-                      f"{stage.spec.steps} steps")
+                      f"{stage.spec.steps} steps" + (f", {stage.note}" if stage.kind != "run" else ""))
         figures = train_stage(stage.spec, location, stage.path, desc=label)
     store.add_stage(stage.id, stage.parent, stage.spec.model_dump(mode="json"), str(stage.path),
                     figures)
