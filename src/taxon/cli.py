@@ -129,6 +129,7 @@ def train(
     rate: Annotated[list[float] | None, typer.Option(help="Mixture rate per dataset.")] = None,
     steps: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: float = 2e-4,
     warmup_ratio: float = 0.1, schedule: str = "cosine", max_length: int = 256,
+    decay_ratio: Annotated[float | None, typer.Option(help="wsd: cooldown share (default 0.2).")] = None,
     lora_r: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tuning.")] = 16,
     lora_alpha: int = 32, lora_dropout: float = 0.05, seed: int = 0,
 ) -> None:
@@ -143,6 +144,7 @@ def train(
     spec = parse(StageSpec, {
         "objective": objective, "steps": steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "lr": lr, "warmup_ratio": warmup_ratio, "schedule": schedule,
+        "decay_ratio": decay_ratio,
         "max_length": max_length, "seed": seed,
         "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout} if lora_r else None,
         "data": [{"dataset": d, "config": c, "rate": r}
