@@ -111,3 +111,62 @@ def test_segment_without_optimizer_state_is_refused(runs):
         start=8, stream_steps=10, warmup_steps=2, cooldown=True)})
     with pytest.raises(TaxonError, match=r"lacks optimizer.pt, .*delete that folder"):
         resume_point(late, str(direct))
+
+
+STUDY = """
+name: wsd-study
+model: tiny
+eval: {tasks: [sst2], limit: 4, batch_size: 4}
+x-wsd: &wsd
+  objective: sft
+  data: [{dataset: fpb}]
+  batch_size: 1
+  max_length: 96
+  schedule: wsd
+  decay_ratio: 0.25
+  warmup_ratio: 0.0
+  precision: fp32
+experiments:
+  - {name: short, stages: [{<<: *wsd, steps: 3}]}
+  - {name: long, stages: [{<<: *wsd, steps: 4}]}
+"""
+
+
+def test_study_trains_the_shared_trunk_once(tmp_path, monkeypatch, data_dir):
+    """Through `study run`: the trunk 0→2 is trained once for both durations, each cooldown
+    continues from the cached segment folders, and a rerun trains nothing."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from taxon.config import load_study
+    from taxon.models import prepare
+    from taxon.study.plan import plan, unique_stages
+    from taxon.study.run import run_study
+    from taxon.study.store import Store
+
+    tiny_dir = Path(prepare("tiny"))
+    monkeypatch.setenv("TAXON_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / "tiny").symlink_to(tiny_dir)
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY)
+    study = load_study(path)
+    short, long = plan(study)
+    assert [(s.kind, s.spec.steps) for s in short.stages] == [("trunk", 2), ("cooldown", 1)]
+    assert [(s.kind, s.spec.steps) for s in long.stages] == [("trunk", 2), ("trunk", 1), ("cooldown", 1)]
+    assert short.stages[0].id == long.stages[0].id
+    assert sum(s.spec.steps for s in unique_stages([short, long])) == 5  # instead of 3 + 4
+
+    store = Store(tmp_path / "results.sqlite")
+    run_study(study, store, Console(quiet=True))
+    assert store.db.execute("SELECT COUNT(*) FROM stages").fetchone()[0] == 4
+    trunk = short.stages[0].path
+    assert (trunk / "optimizer.pt").is_file() and not (short.stages[1].path / "optimizer.pt").exists()
+    seen = {s.id: json.loads((s.path / STAGE_META).read_text())["figures"]["tokens"]
+            for s in unique_stages([short, long])}
+    assert all(t > 0 for t in seen.values())
+    mtime = trunk.stat().st_mtime
+    run_study(study, store, Console(quiet=True))
+    assert trunk.stat().st_mtime == mtime
+    assert store.db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 2
