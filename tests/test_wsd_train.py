@@ -92,7 +92,7 @@ def test_segments_reproduce_uninterrupted_run(runs):
     assert max((trunk[k] - want[k]).abs().max().item() for k in want) > 1e-4
     # Trunk segments keep the optimizer state their continuations need; cooldowns do not.
     for folder, keeps in zip(folders, (True, True, False), strict=True):
-        assert all((folder / f).is_file() == keeps for f in RESUME_FILES[:4])
+        assert all(any(folder.glob(f)) == keeps for f in RESUME_FILES[:4])
         assert json.loads((folder / STAGE_META).read_text())["base"] == "tiny"
     assert not (direct / "optimizer.pt").exists()
     direct_tokens = json.loads((direct / STAGE_META).read_text())["figures"]["tokens"]

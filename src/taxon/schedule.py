@@ -20,11 +20,13 @@ from transformers import TrainerCallback
 
 from taxon.config import StageSpec
 from taxon.errors import TaxonError
+from taxon.models import STAGE_META
 
 DECAY_SHAPE = "1-sqrt"
 
-# What the Trainer needs besides the weights to continue exactly where a segment stopped.
-RESUME_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "scaler.pt")
+# What the Trainer needs besides the weights to continue exactly where a segment stopped (under
+# `accelerate launch` each process saves its own rng_state_<rank>.pth).
+RESUME_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state*.pth", "scaler.pt")
 
 
 def decay_steps(stage: StageSpec, steps: int) -> int:
@@ -77,12 +79,12 @@ def resume_point(stage: StageSpec, base: str) -> tuple[str, str | None]:
     if stage.segment is None or stage.segment.start == 0:
         return base, None
     parent = Path(base)
-    meta_file = parent / "taxon_stage.json"
-    missing = [f for f in RESUME_FILES[:4] if not (parent / f).is_file()]
-    if not meta_file.is_file() or missing:
+    meta_file = parent / STAGE_META
+    missing = [f for f in RESUME_FILES[:4] if not any(parent.glob(f))]
+    if not meta_file.is_file() or missing:  # e.g. a stage folder written by an older taxon
         raise TaxonError(
             f"wsd segment starting at step {stage.segment.start} needs its parent checkpoint {parent} "
-            f"with optimizer state, which lacks {', '.join(missing) or 'taxon_stage.json'}; "
+            f"with optimizer state, which lacks {', '.join(missing) or STAGE_META}; "
             "delete that folder and run the study again to retrain it"
         )
     state = json.loads((parent / "trainer_state.json").read_text())
@@ -108,7 +110,10 @@ def resume_files(stage: StageSpec, scratch: Path) -> list[Path]:
         return []
     end = stage.segment.start + stage.steps
     folder = scratch / f"checkpoint-{end}"
-    return [folder / f for f in RESUME_FILES if (folder / f).is_file()]
+    files = sorted(path for pattern in RESUME_FILES for path in folder.glob(pattern))
+    if not any(f.name == "optimizer.pt" for f in files):
+        raise RuntimeError(f"the Trainer saved no optimizer state in {folder}")  # a bug, not user input
+    return files
 
 
 class ContinueSchedule(TrainerCallback):
