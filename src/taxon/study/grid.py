@@ -13,7 +13,7 @@
 A block is the product of its axes; each recipe of a block takes the parameters it has and ignores
 the others, so one block can cross every strategy with every model. A key no recipe of the block
 has is an error. Experiment names are the recipe (or the block's `name`) and the values of the axes
-that vary in the block, e.g. `direct_finetuning/qwen2-0.5b/task=fpb/seed=2`.
+that vary in the block, e.g. `direct_finetuning[qwen2-0.5b,task=fpb,seed=2]`.
 """
 
 from __future__ import annotations
@@ -83,11 +83,11 @@ class DataNames:
             from taxon.data.cards import get_card
 
             try:
-                get_card(value)
+                card = get_card(value)
             except TaxonError as e:
                 raise TaxonError(f"{self.where}: '{value}' is neither a name under `data:` nor a "
                                  "known dataset card; add it under `data:` or run `taxon data list`") from e
-            return [{"dataset": value}]
+            return [{"dataset": card.id}]  # one spelling per card, so equal stages hash alike
         raise TaxonError(f"{self.where}: data value {value!r} must be a name, a card id or "
                          "{dataset: ...}")
 
@@ -117,10 +117,11 @@ def _expand_block(block: dict, index: int, study: dict, names: DataNames) -> lis
     out = []
     for recipe in recipes:
         used = [k for k in params if k in recipe.params or k in ("model", "seed", "lora_alpha_ratio")]
+        used.sort(key=lambda k: {"model": 0, "seed": 2}.get(k, 1))  # names read model, ..., seed
         if not recipe.stages:  # nothing trained: seeds and ratios change nothing
             used = [k for k in used if k not in ("seed", "lora_alpha_ratio")]
-        prefix = [recipe.name] if len(recipes) > 1 or "name" not in block else []
-        prefix = ([block["name"]] if "name" in block else []) + prefix
+        prefix = ".".join(([block["name"]] if "name" in block else [])
+                          + ([recipe.name] if len(recipes) > 1 or "name" not in block else []))
         for combo in itertools.product(*(params[k] for k in used)):
             values = dict(zip(used, combo, strict=True))
             model = values.pop("model", study.get("model", "smollm2-135m"))
@@ -135,14 +136,20 @@ def _expand_block(block: dict, index: int, study: dict, names: DataNames) -> lis
             ]
             label = [("model" if k == "model" else k, v) for k, v in zip(used, combo, strict=True)
                      if len(params[k]) > 1]
-            name = "/".join(prefix + [_short(v) if k == "model" else f"{k}={_short(v)}"
-                                      for k, v in label])
+            labels = [_short(v) if k == "model" else f"{k}={_short(v)}" for k, v in label]
+            name = _name(prefix, labels)
             out.append({
-                "name": name, "model": model, "recipe": recipe.name, "stages": stages,
+                "name": name, "prefix": prefix, "labels": labels, "model": model,
+                "recipe": recipe.name, "stages": stages,
                 "axes": {"model": model, "seed": seed, **({"lora_alpha_ratio": ratio} if ratio else {}),
                          **{k: _short(v) for k, v in values.items()}},
             })
     return out
+
+
+def _name(prefix: str, labels: list[str]) -> str:
+    """`recipe[axis=value,...]`: readable, and safe as a file name."""
+    return f"{prefix}[{','.join(labels)}]" if labels else prefix
 
 
 def _disambiguate(experiments: list[dict]) -> None:
@@ -159,7 +166,7 @@ def _disambiguate(experiments: list[dict]) -> None:
             raise TaxonError(f"two grid experiments are both '{name}' with the same values; give "
                              "one of their blocks a distinct `name:` or remove the repeat")
         for e in group:
-            e["name"] = "/".join([name] + [f"{k}={e['axes'].get(k)}" for k in differ])
+            e["name"] = _name(e["prefix"], e["labels"] + [f"{k}={e['axes'].get(k)}" for k in differ])
 
 
 def expand_study(data: dict, source: str) -> dict:
@@ -185,5 +192,6 @@ def expand_study(data: dict, source: str) -> dict:
     if clash:
         raise TaxonError(f"{source}: grid experiment '{clash}' has the name of an experiment under "
                          "`experiments:`; rename one (a block's `name:` sets the prefix)")
-    data["experiments"] = explicit + generated
+    data["experiments"] = explicit + [{k: v for k, v in e.items() if k not in ("prefix", "labels")}
+                                      for e in generated]
     return data
