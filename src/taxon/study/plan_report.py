@@ -30,8 +30,9 @@ def _data_label(spec: StageSpec) -> str:
 def stage_label(stage) -> str:
     s = stage.spec
     tune = f"LoRA r{s.lora.r}/a{s.lora.alpha:g}" if s.lora else "full"
+    note = getattr(stage, "note", "")  # the planner's word on a shared wsd segment, if any
     return (f"{stage.id[:8]} {s.objective} {s.steps:,} steps, {_data_label(s)}, {tune}, "
-            f"lr {s.lr:g}, seed {s.seed}")
+            f"lr {s.lr:g}, seed {s.seed}" + (f" [{note}]" if note else ""))
 
 
 def _ends(names: list[str]) -> str:
