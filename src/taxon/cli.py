@@ -182,6 +182,23 @@ def eval_(
     console.print(results_table(s, "eval"), highlight=False)
 
 
+@study_app.command("plan")
+def study_plan(
+    file: Path,
+    gpu: Annotated[str, typer.Option(help="GPU for the time estimate (h100, a100, l4, ...).")] = "h100",
+    mfu: Annotated[float, typer.Option(help="Model FLOP utilisation assumed on that GPU.")] = 0.3,
+    tree: Annotated[bool, typer.Option(help="Print the stage graph.")] = True,
+) -> None:
+    """Print the experiments, the stage graph, steps with and without reuse and estimated time;
+    trains and loads nothing."""
+    from taxon.config import load_study
+    from taxon.study.plan import plan
+    from taxon.study.plan_report import print_plan
+
+    study = load_study(file)
+    print_plan(study, plan(study), console, gpu=gpu, mfu=mfu, tree=tree)
+
+
 @study_app.command("run")
 def study_run(
     file: Path,

@@ -30,6 +30,10 @@ class DataRef(Spec):
     config: str | None = None  # None: the card's default config
     split: str = "train"
     rate: float | None = None  # share of the stage's examples; None = equal shares
+    # Share of the source's rows the stage may draw from: a seeded subset (the stage's seed), nested
+    # across fractions (the 0.1 subset lies inside the 0.5 one). Left out of the canonical spec at
+    # 1.0, so stages written before the field existed keep their identity.
+    fraction: float = Field(1.0, gt=0, le=1, exclude_if=lambda v: v == 1.0)
 
     @field_validator("rate")
     @classmethod
@@ -41,7 +45,7 @@ class DataRef(Spec):
 
 class LoraSpec(Spec):
     r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
+    alpha: int | float = Field(32, gt=0)  # a float where alpha/r ratios need one (r=1, ratio 0.5)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -133,6 +137,9 @@ class ExperimentSpec(Spec):
     name: str
     model: str | None = None  # None: the study's model
     stages: tuple[StageSpec, ...] = ()
+    # Set by a study's `grid:`: the named recipe and the axis values this experiment came from.
+    recipe: str | None = Field(None, exclude_if=lambda v: v is None)
+    axes: dict[str, str | int | float] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class StudySpec(Spec):
@@ -188,6 +195,10 @@ def load_study(path: str | Path) -> StudySpec:
     take the study's seed unless they set one."""
     data = {k: v for k, v in load_yaml(path).items() if not str(k).startswith("x-")}
     seed = data.get("seed", 0)
+    if "grid" in data or "data" in data:  # named recipes over axes, added to `experiments`
+        from taxon.study.grid import expand_study
+
+        data = expand_study(data, str(path))
     for exp in data.get("experiments") or []:
         for stage in (exp.get("stages") or []) if isinstance(exp, dict) else []:
             if isinstance(stage, dict):

@@ -8,6 +8,8 @@ is refused, so no test item can reach a training text.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from datasets import Dataset
 
@@ -39,6 +41,9 @@ def _examples(ref: DataRef, objective: str, tokenizer, chat: bool, seed: int,
         )
     card = get_card(ref.dataset).for_config(ref.config)
     rows = load_rows(ref.dataset, ref.config, ref.split, seed=seed)
+    if ref.fraction < 1:  # a prefix of one seeded order: smaller fractions nest in larger ones
+        keep = max(1, math.ceil(ref.fraction * len(rows)))
+        rows = rows.shuffle(seed=seed).select(range(keep))
     out, too_long = [], 0
     as_text = objective == "pretrain" or card.templates.prompt is None
     for row in rows:

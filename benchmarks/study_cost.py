@@ -1,0 +1,57 @@
+"""What the stage graph saves on the example studies: training steps if every experiment trained
+its own chain (naive) against the steps of the unique planned stages (with reuse), and how long
+`taxon study plan` takes on each. Target: the 72-experiment seed plan needs <= 60% of the naive
+steps.
+
+    python benchmarks/study_cost.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from taxon.config import load_study
+from taxon.errors import TaxonError
+from taxon.study.cost import schedule_rules, study_cost
+from taxon.study.plan import plan, unique_stages
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+STUDIES = ("seed_qwen2_72", "thesis_taxonomy", "domain_replay")
+TARGET = ("seed_qwen2_72", 0.60)
+
+
+def main() -> int:
+    print(f"{'study':<18} {'experiments':>11} {'stages':>15} {'steps naive':>12} {'with reuse':>11} "
+          f"{'ratio':>6} {'plan CLI':>9}")
+    ok = True
+    for name in STUDIES:
+        path = EXAMPLES / f"{name}.yaml"
+        try:
+            experiments = plan(load_study(path))
+        except TaxonError as e:
+            print(f"{name:<18} cannot be planned here: {e}")
+            ok = False
+            continue
+        c = study_cost(experiments)
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "taxon.cli", "study", "plan", str(path)],
+                           capture_output=True, text=True)
+        cli_s = time.perf_counter() - t0
+        print(f"{name:<18} {c.experiments:>11} {f'{c.unique_stages}/{c.stage_refs}':>15} "
+              f"{c.naive_steps:>12,} {c.steps:>11,} {c.ratio:>6.1%} "
+              f"{f'{cli_s:.1f} s' if r.returncode == 0 else 'FAILED':>9}")
+        for line in schedule_rules(unique_stages(experiments)):
+            print(f"{'':<18} {line}")
+        if name == TARGET[0]:
+            met = c.ratio <= TARGET[1]
+            ok &= met
+            print(f"{'':<18} target <= {TARGET[1]:.0%} of naive steps: {'met' if met else 'MISSED'}")
+    print("stages: unique planned stages / stages over all experiments' chains")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
