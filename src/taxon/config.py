@@ -76,8 +76,10 @@ class StageSpec(Spec):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     schedule: Literal["linear", "cosine", "constant", "constant_with_warmup", "wsd"] = "cosine"
     # wsd: share of the steps spent in the final cooldown (None: 0.2 for wsd, unused otherwise)
-    decay_ratio: float | None = Field(None, gt=0, lt=1)
-    segment: WsdSegment | None = None  # set by the planner only (a slice of a shared wsd run)
+    # Left out of the canonical spec when unset, so stages that do not use wsd keep their ids.
+    decay_ratio: float | None = Field(None, gt=0, lt=1, exclude_if=lambda v: v is None)
+    # set by the planner only (a slice of a shared wsd run)
+    segment: WsdSegment | None = Field(None, exclude_if=lambda v: v is None)
     max_length: int = Field(256, ge=8)
     lora: LoraSpec | None = LoraSpec()  # None: full fine-tuning
     precision: Literal["auto", "fp32", "bf16"] = "auto"
