@@ -26,10 +26,15 @@ class Spec(BaseModel):
 class DataRef(Spec):
     """One dataset in a stage: a card id, its config and split, and its share of the mixture."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
+
     dataset: str
     config: str | None = None  # None: the card's default config
     split: str = "train"
     rate: float | None = None  # share of the stage's examples; None = equal shares
+    # objective mixed: how this source is used. `text`: packed blocks, loss on every token;
+    # `pair`: (prompt, completion), loss on the completion only. YAML key `as`.
+    as_: Literal["text", "pair"] | None = Field(None, alias="as")
 
     @field_validator("rate")
     @classmethod
@@ -48,9 +53,14 @@ class LoraSpec(Spec):
 
 class StageSpec(Spec):
     """One training run. `pretrain`: causal LM on packed fixed-length blocks of text.
-    `sft`: loss on completion tokens only, over (prompt, completion) pairs."""
+    `sft`: loss on completion tokens only, over (prompt, completion) pairs. `mixed`: both in one
+    stage, each source saying how it is used (`as: text|pair`); the rates are the weights.
 
-    objective: Literal["pretrain", "sft"]
+    `mix_by`: what the rates share out. `auto` = tokens for pretrain, examples for sft and mixed.
+    `adapter` (LoRA on a LoRA parent): `merge` folds the parent's adapter into the weights and
+    trains a new one; `continue` keeps training the parent's adapter (same r, alpha, targets)."""
+
+    objective: Literal["pretrain", "sft", "mixed"]
     data: tuple[DataRef, ...]
     replay: DataRef | None = None  # general text mixed in against forgetting; its rate = share
     steps: int = Field(100, ge=0)
@@ -63,6 +73,45 @@ class StageSpec(Spec):
     lora: LoraSpec | None = LoraSpec()  # None: full fine-tuning
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
+    mix_by: Literal["auto", "tokens", "examples"] = "auto"
+    adapter: Literal["merge", "continue"] = "merge"
+
+    @model_validator(mode="after")
+    def _uses_fit_objective(self) -> StageSpec:
+        for ref in self.data:
+            if self.objective == "mixed" and ref.as_ is None:
+                raise ValueError(f"objective mixed: give dataset '{ref.dataset}' `as: text` "
+                                 "(loss on every token) or `as: pair` (loss on the completion)")
+            fits = {"pretrain": "text", "sft": "pair"}.get(self.objective, ref.as_)
+            if ref.as_ not in (None, fits):
+                raise ValueError(f"dataset '{ref.dataset}' has `as: {ref.as_}`, which objective "
+                                 f"{self.objective} cannot use; use objective mixed")
+        if self.adapter == "continue" and self.lora is None:
+            raise ValueError("adapter continue needs a LoRA stage (lora: {...}); use adapter merge "
+                             "for full fine-tuning")
+        return self
+
+    def by_tokens(self) -> bool:
+        """Whether the rates share out tokens (else examples)."""
+        return self.mix_by == "tokens" or (self.mix_by == "auto" and self.objective == "pretrain")
+
+    def usage(self, ref: DataRef) -> Literal["text", "pair"]:
+        """How a source's rows are used: given by `as`, or by the objective (replay is text)."""
+        if ref.as_ is not None:
+            return ref.as_
+        return "pair" if self.objective == "sft" and ref is not self.replay else "text"
+
+    def canonical(self) -> str:
+        """As Spec.canonical, but fields added after the first release are left out while they
+        hold their defaults, so stages defined before them keep their identities."""
+        data = self.model_dump(mode="json")
+        for name in ("mix_by", "adapter"):
+            if data[name] == type(self).model_fields[name].default:
+                del data[name]
+        for ref in data["data"] + ([data["replay"]] if data["replay"] else []):
+            if ref["as_"] is None:
+                del ref["as_"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @model_validator(mode="after")
     def _rates_sum_to_one(self) -> StageSpec:
