@@ -170,7 +170,7 @@ def plan_run(args: argparse.Namespace) -> Run:
     return Run(model, stage, out, tasks, name)
 
 
-def _model_key(location: str) -> str:
+def model_key(location: str) -> str:
     """The store's identity of a model: an alias or Hub id by name; a checkpoint by the hash of
     its stage metadata, so retraining into the same folder never reuses the old results."""
     from taxon.config import digest
@@ -210,13 +210,14 @@ def execute(run: Run, args: argparse.Namespace, console) -> dict:
         return {"location": location, "figures": figures, "model_key": None}
     spec = parse(EvalSpec, {"tasks": list(run.tasks), "limit": args.eval_limit,
                             "batch_size": args.eval_batch_size, "seed": args.seed}, "command line")
-    key = _model_key(location)
+    key = model_key(location)
     store = Store(args.store)
     console.print(f"evaluate {location} on {', '.join(run.tasks)}", highlight=False)
     evaluate_model(location, key, spec, store, console)  # type: ignore[arg-type]
     store.add_experiment(run.name, run.name, run.model, key, [],
-                         {"argv": sys.argv[1:], "stage": run.stage.model_dump(mode="json")
-                          if run.stage is not None else None})
+                         {"args": {k: str(v) if isinstance(v, Path) else v
+                                   for k, v in vars(args).items()},
+                          "stage": run.stage.model_dump(mode="json") if run.stage else None})
     console.print(results_table(store, run.name), highlight=False)
     store.close()
     return {"location": location, "figures": figures, "model_key": key}
