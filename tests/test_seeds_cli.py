@@ -208,3 +208,24 @@ def test_default_output_dir_and_task_matching():
     assert {"fpb", "eval_domain"} <= set(tasks_for(["fpb"], ["sentences_allagree"]))
     assert os.path.basename(str(default_output_dir("tiny", ["glue"] * 2, ["sst2", "cola"], "sft"))) \
         == "tiny_glue-sst2+glue-cola_sft"
+
+
+def test_mixed_objective_from_the_command_line(merged_data_dir, tmp_path, monkeypatch, capsys):
+    """Pretraining text and SFT pairs in one stage, 0.3 / 0.7, trained and evaluated."""
+    monkeypatch.setenv("TAXON_DATA_DIR", str(merged_data_dir))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "tiny", "--datasets", "wikitext", "fpb", "--dataset_configs",
+            "wikitext-103-raw-v1", "None", "--mixture_rates", "0.3", "0.7", "--dataset_as", "text",
+            "pair", "--mode", "mixed", "--max_steps", "2", "--batch_size", "5", "--max_length", "128",
+            "--eval_tasks", "fpb", "--eval_limit", "4"]
+    assert entry()(argv) == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "checkpoints" / "tiny_wikitext+fpb_mixed"
+    meta = json.loads((folder / STAGE_META).read_text())
+    parts = meta["figures"]["mixture"]
+    text, pair = parts["wikitext:wikitext-103-raw-v1:train"], parts["fpb:default:train"]
+    assert (text["as"], text["examples"], pair["as"], pair["examples"]) == ("text", 3, "pair", 7)
+    assert text["loss_tokens"] == text["tokens"] == 3 * 128
+    assert pair["loss_tokens"] < pair["tokens"]
+    assert meta["figures"]["final_loss"] > 0
+    assert "rate 0.30 as text: 3 sequences" in out and "| tiny_wikitext+fpb_mixed | fpb" in out

@@ -11,8 +11,12 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taxon.errors import TaxonError
+
+if TYPE_CHECKING:
+    from taxon.config import StageSpec
 
 DEFAULT_STORE = Path("results/taxon.sqlite")
 
@@ -73,7 +77,7 @@ class Run:
     """What one invocation does: train `stage` (None: nothing) from `model`, then evaluate."""
 
     model: str  # what load_model takes; local folders made absolute
-    stage: object  # StageSpec | None
+    stage: StageSpec | None
     output_dir: Path | None
     tasks: tuple[str, ...]  # eval tasks; empty: no evaluation
     name: str  # the experiment's name in the store
