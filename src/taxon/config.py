@@ -26,6 +26,8 @@ class Spec(BaseModel):
 class DataRef(Spec):
     """One dataset in a stage: a card id, its config and split, and its share of the mixture."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True)
+
     dataset: str
     config: str | None = None  # None: the card's default config
     split: str = "train"
@@ -34,6 +36,9 @@ class DataRef(Spec):
     # across fractions (the 0.1 subset lies inside the 0.5 one). Left out of the canonical spec at
     # 1.0, so stages written before the field existed keep their identity.
     fraction: float = Field(1.0, gt=0, le=1, exclude_if=lambda v: v == 1.0)
+    # objective mixed: how this source is used. `text`: packed blocks, loss on every token;
+    # `pair`: (prompt, completion), loss on the completion only. YAML key `as`.
+    as_: Literal["text", "pair"] | None = Field(None, alias="as", exclude_if=lambda v: v is None)
 
     @field_validator("rate")
     @classmethod
@@ -64,9 +69,14 @@ class WsdSegment(Spec):
 
 class StageSpec(Spec):
     """One training run. `pretrain`: causal LM on packed fixed-length blocks of text.
-    `sft`: loss on completion tokens only, over (prompt, completion) pairs."""
+    `sft`: loss on completion tokens only, over (prompt, completion) pairs. `mixed`: both in one
+    stage, each source saying how it is used (`as: text|pair`); the rates are the weights.
 
-    objective: Literal["pretrain", "sft"]
+    `mix_by`: what the rates share out. `auto` = tokens for pretrain, examples for sft and mixed.
+    `adapter` (LoRA on a LoRA parent): `merge` folds the parent's adapter into the weights and
+    trains a new one; `continue` keeps training the parent's adapter (same r, alpha, targets)."""
+
+    objective: Literal["pretrain", "sft", "mixed"]
     data: tuple[DataRef, ...]
     replay: DataRef | None = None  # general text mixed in against forgetting; its rate = share
     steps: int = Field(100, ge=0)
@@ -84,6 +94,35 @@ class StageSpec(Spec):
     lora: LoraSpec | None = LoraSpec()  # None: full fine-tuning
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
+    # Fields added after the first release stay out of the canonical spec at their defaults, so
+    # stages defined before them keep their identities (and cached checkpoints).
+    mix_by: Literal["auto", "tokens", "examples"] = Field("auto", exclude_if=lambda v: v == "auto")
+    adapter: Literal["merge", "continue"] = Field("merge", exclude_if=lambda v: v == "merge")
+
+    @model_validator(mode="after")
+    def _uses_fit_objective(self) -> StageSpec:
+        for ref in self.data:
+            if self.objective == "mixed" and ref.as_ is None:
+                raise ValueError(f"objective mixed: give dataset '{ref.dataset}' `as: text` "
+                                 "(loss on every token) or `as: pair` (loss on the completion)")
+            fits = {"pretrain": "text", "sft": "pair"}.get(self.objective, ref.as_)
+            if ref.as_ not in (None, fits):
+                raise ValueError(f"dataset '{ref.dataset}' has `as: {ref.as_}`, which objective "
+                                 f"{self.objective} cannot use; use objective mixed")
+        if self.adapter == "continue" and self.lora is None:
+            raise ValueError("adapter continue needs a LoRA stage (lora: {...}); use adapter merge "
+                             "for full fine-tuning")
+        return self
+
+    def by_tokens(self) -> bool:
+        """Whether the rates share out tokens (else examples)."""
+        return self.mix_by == "tokens" or (self.mix_by == "auto" and self.objective == "pretrain")
+
+    def usage(self, ref: DataRef) -> Literal["text", "pair"]:
+        """How a source's rows are used: given by `as`, or by the objective (replay is text)."""
+        if ref.as_ is not None:
+            return ref.as_
+        return "pair" if self.objective == "sft" and ref is not self.replay else "text"
 
     @model_validator(mode="before")
     @classmethod

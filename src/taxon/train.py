@@ -7,6 +7,7 @@ the adapter (LoRA) or the full model, the tokenizer, and `taxon_stage.json` (spe
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import tempfile
@@ -19,10 +20,10 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from taxon import schedule
+from taxon import adapters, schedule
 from taxon.config import StageSpec
 from taxon.data import mixture, render
-from taxon.models import atomic_save, bf16_supported, load_model
+from taxon.models import STAGE_META, atomic_save, bf16_supported, load_model
 
 
 class _Progress(TrainerCallback):
@@ -50,6 +51,28 @@ class _Progress(TrainerCallback):
             self.bar.close()
 
 
+class _StageMeta(TrainerCallback):
+    """Writes the stage's metadata into each intermediate checkpoint, so load_model reads it
+    like a finished stage (a LoRA one is applied to the stage's base)."""
+
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+    def on_save(self, args, state, control, **kw):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            meta = {**self.meta, "figures": {"step": state.global_step}}
+            (folder / STAGE_META).write_text(json.dumps(meta, indent=2))
+
+
+def _stash_checkpoints(out: Path, scratch: Path) -> list[Path]:
+    """Move the intermediate checkpoints out of `out` while the final model replaces it."""
+    kept = []
+    for folder in sorted(out.glob("checkpoint-*")) if out.is_dir() else []:
+        kept.append(folder.rename(scratch / folder.name))
+    return kept
+
+
 def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and bf16_supported())
 
@@ -60,13 +83,16 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", callbacks=()) -> dict:
+def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
+                save_steps: int | None = None, save_total_limit: int | None = None,
+                callbacks: tuple[TrainerCallback, ...] = ()) -> dict:
     """Train `stage` starting from `base` (model name or parent checkpoint); write `out`.
 
     The checkpoint is written to a temporary sibling and renamed into place at the end, so a
     killed run never leaves a folder that looks complete. A wsd segment (`stage.segment`) that
     starts after step 0 continues `base`, its parent segment, exactly (see `schedule`).
-    `callbacks`: extra TrainerCallbacks that watch the run.
+    `save_steps`: also keep intermediate checkpoints in `out/checkpoint-N` (at most
+    `save_total_limit`), each loadable by load_model. `callbacks`: extra TrainerCallbacks.
     """
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -75,23 +101,35 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", cal
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     t0 = time.time()
     base, resume = schedule.resume_point(stage, base)
-    model, tokenizer = load_model(base)
+    if stage.adapter == "continue":
+        model, tokenizer, root = adapters.continue_adapter(stage, base)
+    else:
+        model, tokenizer = load_model(base)
+        root = str(base)
+        if stage.lora is None:  # a merged LoRA parent comes back frozen; full fine-tuning trains all
+            model.requires_grad_(True)
     chat = render.uses_chat(tokenizer, None)
     train_set, summary = mixture.build(schedule.data_stage(stage), tokenizer, chat)
     bf16 = use_bf16(stage.precision)
     peft_config = None
-    if stage.lora is not None:
+    if stage.lora is not None and stage.adapter == "merge":
         peft_config = LoraConfig(
             r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
             target_modules=list(stage.lora.target_modules), task_type="CAUSAL_LM",
         )
     scratch = Path(tempfile.mkdtemp(prefix="taxon-trainer-"))
+    meta = {"spec": stage.model_dump(mode="json"), "base": root, "lora": stage.lora is not None}
+    if root != str(base):  # a continued adapter applies to its first stage's base
+        meta["parent"] = str(base)
+    schedule_args = schedule.trainer_args(stage)  # length, learning-rate schedule, checkpointing
+    if save_steps:
+        schedule_args.update(save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit)
     args = SFTConfig(
-        output_dir=str(scratch),
+        output_dir=str(out if save_steps else scratch),
         per_device_train_batch_size=stage.batch_size,
         gradient_accumulation_steps=stage.grad_accum,
         learning_rate=stage.lr,
-        **schedule.trainer_args(stage),  # length, learning-rate schedule, checkpointing
+        **schedule_args,
         seed=stage.seed,
         data_seed=stage.seed,
         bf16=bf16,
@@ -99,8 +137,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", cal
         activation_checkpointing=False,  # TRL turns it on by default; small models do not need it
         packing=False,  # pretraining text arrives already packed into blocks (mixture.pack)
         # SFT batches of similar lengths waste less compute on padding; the grouping is seeded.
-        train_sampling_strategy="group_by_length" if stage.objective == "sft" else "random",
-        completion_only_loss=stage.objective == "sft",
+        train_sampling_strategy="random" if stage.objective == "pretrain" else "group_by_length",
+        completion_only_loss=stage.objective != "pretrain",
         logging_steps=1,
         report_to="none",
         disable_tqdm=True,
@@ -110,7 +148,9 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", cal
     )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[_Progress(desc), schedule.ContinueSchedule(), *callbacks],
+        peft_config=peft_config,
+        callbacks=[_Progress(desc), schedule.ContinueSchedule(),
+                   *([_StageMeta(meta)] if save_steps else []), *callbacks],
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
@@ -135,8 +175,10 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", cal
         "bf16": bf16,
         "mixture": summary,
     }
-    meta = {"spec": stage.model_dump(mode="json"), "base": str(base), "lora": stage.lora is not None,
-            "figures": figures}
+    meta["figures"] = figures
+    kept = _stash_checkpoints(out, scratch)
     atomic_save(trainer.model, tokenizer, out, meta, extra=schedule.resume_files(stage, scratch))
+    for folder in kept:
+        folder.rename(out / folder.name)
     shutil.rmtree(scratch, ignore_errors=True)
     return figures

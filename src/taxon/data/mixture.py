@@ -1,7 +1,8 @@
 """Turn a stage's datasets and rates into the token sequences it trains on.
 
 Pretraining mixes by tokens (each source contributes its rate of the stage's token budget) and
-packs documents into fixed-length blocks; SFT mixes by examples. Sampling is seeded; a source
+packs documents into fixed-length blocks; SFT and mixed stages mix by examples (a stage's
+`mix_by` says otherwise). Sampling is seeded; a source
 smaller than its share is repeated in fresh shuffled passes. A split that an eval task scores on
 is refused, so no test item can reach a training text.
 """
@@ -103,35 +104,88 @@ def pack(examples: list[dict], block: int) -> list[dict]:
     return [{"input_ids": flat[i : i + block]} for i in range(0, len(flat) - block + 1, block)]
 
 
+def _budgets(stage: StageSpec, pools: list[list[dict]]) -> list[int]:
+    """Each source's share of the stage: tokens when the stage mixes by tokens, else examples.
+
+    The stage needs `steps * batch * accum` training sequences: blocks of `max_length` tokens for
+    pretrain (plus one, since packing drops a tail), examples for sft and mixed (a mixed stage's
+    text sources count packed blocks). Mixing in the other unit converts that need through each
+    source's mean length at the given rates."""
+    rates = stage.rates()
+    n_seq = stage.steps * stage.batch_size * stage.grad_accum
+    parts = list(stage.data) + ([stage.replay] if stage.replay else [])
+
+    def unit_len(ref, pool):  # mean tokens of one training sequence drawn from this source
+        if stage.objective == "mixed" and stage.usage(ref) == "text":
+            return stage.max_length
+        return float(np.mean([len(e["input_ids"]) for e in pool]))
+
+    def mean_len():  # of a sequence drawn from the whole mixture
+        return sum(r * unit_len(ref, p) for r, ref, p in zip(rates, parts, pools, strict=True) if r)
+
+    if stage.objective == "pretrain":
+        tokens = (n_seq + 1) * stage.max_length
+        if stage.by_tokens():
+            return _allocate(tokens, rates)
+        return _allocate(int(np.ceil(tokens / mean_len())), rates)
+    if stage.by_tokens():
+        return _allocate(int(np.ceil(n_seq * mean_len())), rates)
+    return _allocate(n_seq, rates)
+
+
+def _mixed_part(stage: StageSpec, ref: DataRef, pool: list[dict], share: int,
+                rng: np.random.Generator) -> list[dict]:
+    """One source of a mixed stage: text packed into blocks with loss on every token, or pairs
+    with loss on the completion only."""
+    if stage.usage(ref) == "pair":
+        return _take(pool, rng, n_tokens=share) if stage.by_tokens() else _take(pool, rng, n_examples=share)
+    need = share if stage.by_tokens() else (share + 1) * stage.max_length
+    blocks = pack(_take(pool, rng, n_tokens=need), stage.max_length)
+    blocks = blocks if stage.by_tokens() else blocks[:share]
+    return [{**b, "completion_mask": [1] * len(b["input_ids"])} for b in blocks]
+
+
 def build(stage: StageSpec, tokenizer, chat: bool) -> tuple[Dataset, dict]:
     """The stage's training examples and a summary per source.
 
     sft: columns input_ids and completion_mask, steps * batch * accum examples.
     pretrain: input_ids in blocks of exactly max_length tokens, enough for every step.
+    mixed: input_ids and completion_mask; text sources as packed blocks (mask all ones), pair
+    sources as examples (mask on the completion).
     """
     rng = np.random.default_rng(stage.seed)
     parts = list(stage.data) + ([stage.replay] if stage.replay else [])
-    per_step = stage.batch_size * stage.grad_accum
-    if stage.objective == "pretrain":
-        # One block more than the steps need, since packing drops a tail shorter than a block.
-        budget = (stage.steps * per_step + 1) * stage.max_length
-        shares = _allocate(budget, stage.rates())
-    else:
-        shares = _allocate(stage.steps * per_step, stage.rates())
+    pools, dropped = [], []
+    for ref, rate in zip(parts, stage.rates(), strict=True):
+        if rate == 0:  # not read at all
+            pools.append([])
+            dropped.append(0)
+            continue
+        # A mixed stage reads each source as its `as` says; the others as their objective does.
+        how = stage.objective if stage.objective != "mixed" else (
+            "pretrain" if stage.usage(ref) == "text" else "sft")
+        pool, too_long = _examples(ref, how, tokenizer, chat, stage.seed, stage.max_length)
+        pools.append(pool)
+        dropped.append(too_long)
+    shares = _budgets(stage, pools)
     chosen: list[dict] = []
     summary = {}
-    for ref, rate, share in zip(parts, stage.rates(), shares, strict=True):
+    for ref, rate, share, pool, too_long in zip(parts, stage.rates(), shares, pools, dropped,
+                                                strict=True):
         if share == 0:
             continue
-        pool, too_long = _examples(ref, stage.objective, tokenizer, chat, stage.seed,
-                                   stage.max_length)
-        if stage.objective == "pretrain":
+        if stage.objective == "mixed":
+            got = _mixed_part(stage, ref, pool, share, rng)
+        elif stage.by_tokens():
             got = _take(pool, rng, n_tokens=share)
         else:
             got = _take(pool, rng, n_examples=share)
         chosen += got
         summary[f"{ref.dataset}:{ref.config or 'default'}:{ref.split}"] = {
-            "rate": rate, "examples": len(got), "tokens": sum(len(e["input_ids"]) for e in got),
+            "rate": rate, "as": stage.usage(ref), "examples": len(got),
+            "tokens": sum(len(e["input_ids"]) for e in got),
+            "loss_tokens": sum(sum(e["completion_mask"]) if "completion_mask" in e
+                               else len(e["input_ids"]) for e in got),
             "pool": len(pool), "dropped_too_long": too_long,
         }
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]
