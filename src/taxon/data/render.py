@@ -102,12 +102,24 @@ def uses_chat(tokenizer, chat: bool | None) -> bool:
     return has if chat is None else (chat and has)
 
 
+@cache
+def bos_prefix(tokenizer) -> str:
+    """The BOS token as text for tokenizers that add it by default (Gemma: without it the model's
+    outputs degrade badly), else "". Prompts are encoded without special tokens, so it is written
+    into the text, as a chat template does; SmolLM2 and GPT-2 add none, so their prompts stay.
+    Asked of the tokenizer's output, not its `add_bos_token` flag, which a saved copy may lose."""
+    bos = tokenizer.bos_token_id
+    if bos is None or tokenizer("a", add_special_tokens=False)["input_ids"][:1] == [bos]:
+        return ""
+    return tokenizer.bos_token if tokenizer("a")["input_ids"][:1] == [bos] else ""
+
+
 def format_prompt(tokenizer, prompt: str, chat: bool, demos: list[tuple[str, str]] = ()) -> str:
     """The text that precedes the completion. Base models: demonstrations ("prompt completion"
     blocks separated by a blank line) then the prompt. Chat: one user/assistant exchange per
     demonstration, then the user turn and the assistant header."""
     if not chat:
-        return "".join(f"{p}{c}\n\n" for p, c in demos) + prompt
+        return bos_prefix(tokenizer) + "".join(f"{p}{c}\n\n" for p, c in demos) + prompt
     messages = []
     for p, c in demos:
         messages += [{"role": "user", "content": p}, {"role": "assistant", "content": c.lstrip()}]

@@ -12,6 +12,7 @@ from taxon.data import render
 from taxon.data.cards import get_card
 from taxon.data.mixture import encode_pair
 from taxon.data.sources import load_rows
+from taxon.evals import execution
 from taxon.evals.generation import extract, generate
 from taxon.evals.metrics import classification_report, generation_report, generation_scores, perplexity_report
 from taxon.evals.scoring import loglikelihoods
@@ -138,17 +139,22 @@ def _generate(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_siz
                     batch_size=batch_size, bf16=bf16, desc=task.name)
     preds = [extract(task.extractor, g.text) for g in gens]
     names = task.all_metrics
-    items = generation_scores(golds, preds, names, task.rel_tol)
+    items = generation_scores(golds, preds, [n for n in names if n != "pass_at_1"], task.rel_tol)
+    outcomes = execution.execute(task, card, rows, preds) if "pass_at_1" in names else None
+    if outcomes is not None:
+        items["pass_at_1"] = [float(o.passed) for o in outcomes]
     metrics = generation_report(golds, preds, names, task.rel_tol, seed=seed, items=items)
     metrics["settings"] = {
         "chat": chat, "extractor": task.extractor, "stop": list(task.stop),
         "max_new_tokens": task.max_new_tokens, "rel_tol": task.rel_tol,
         "truncated_prompts": sum(g.truncated for g in gens),
         "hit_max_new_tokens": sum(g.new_tokens >= task.max_new_tokens for g in gens),
+        **(execution.settings(task) if outcomes is not None else {}),
     }
     predictions = [
         {"idx": int(row["_idx"]), "gold": gold, "pred": pred,
-         "scores": {"output": g.text, **{k: v[j] for k, v in items.items()}}}
+         "scores": {"output": g.text, **{k: v[j] for k, v in items.items()},
+                    **({"status": outcomes[j].status, "reason": outcomes[j].reason} if outcomes else {})}}
         for j, (row, gold, pred, g) in enumerate(zip(rows, golds, preds, gens, strict=True))
     ]
     return TaskResult(task.name, len(golds), n_total, shots, metrics, predictions)

@@ -119,8 +119,10 @@ def _clean_number(s: str) -> str:
 def extract(extractor: str, text: str) -> str:
     """`first_line`: the first non-blank line, stripped. `last_number`: the number after '####'
     when there is one (GSM8K's answer marker), else the last number in the text, commas removed.
-    `regex:<pattern>`: the first match's first non-empty group (or the whole match), stripped.
-    An empty string when nothing is found."""
+    `function_body`: the text up to the first line that starts at column 0 (the body of the
+    function the prompt opened ends there; HumanEval's stop sequences end it the same way), blank
+    lines at its end dropped. `regex:<pattern>`: the first match's first non-empty group (or the
+    whole match), stripped. An empty string when nothing is found."""
     if extractor == "first_line":
         return next((line.strip() for line in text.splitlines() if line.strip()), "")
     if extractor == "last_number":
@@ -130,6 +132,11 @@ def extract(extractor: str, text: str) -> str:
                 return _clean_number(m.group())
         found = NUMBER.findall(text)
         return _clean_number(found[-1]) if found else ""
+    if extractor == "function_body":
+        lines = text.split("\n")
+        end = next((k for k, line in enumerate(lines) if k and line[:1] not in ("", " ", "\t")),
+                   len(lines))
+        return "\n".join(lines[:end]).rstrip() + "\n"
     if extractor.startswith("regex:"):
         m = re.search(extractor[len("regex:") :], text)
         if m is None:

@@ -46,7 +46,7 @@ METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "multiple_choice": (("accuracy", "macro_f1", "weighted_f1", "ece"),
                         ("accuracy", "macro_f1", "weighted_f1", "ece"), "macro_f1"),
     "generate": (("exact_match", "token_f1", "rouge_l", "bleu", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
-                  "numeric_accuracy"), ("exact_match", "token_f1"), "exact_match"),
+                  "numeric_accuracy", "pass_at_1"), ("exact_match", "token_f1"), "exact_match"),
     "perplexity": (("loss", "perplexity"), ("loss", "perplexity"), "perplexity"),
 }
 # Fields that only one output type reads. They are left out of the canonical form of other tasks,
@@ -55,7 +55,9 @@ OUTPUT_FIELDS = {
     "generate": ("max_new_tokens", "stop", "extractor", "target", "rel_tol"),
     "perplexity": ("max_length",),
 }
-EXTRACTORS = ("first_line", "last_number", "regex:<pattern>")
+EXTRACTORS = ("first_line", "last_number", "function_body", "regex:<pattern>")
+# Code tasks only (`program` set): left out of other tasks' canonical form, so their keys stay.
+CODE_FIELDS = ("program", "timeout", "memory_mb")
 
 
 def expand_metrics(names) -> tuple[str, ...]:
@@ -87,6 +89,11 @@ class TaskSpec(Spec):
     extractor: str = "first_line"  # first_line | last_number | regex:<pattern>
     target: str | None = None  # Jinja template of the gold answer; None: extractor(completion)
     rel_tol: float = Field(1e-2, ge=0)  # numeric_accuracy: |pred - gold| <= rel_tol * |gold|
+    # output: generate, metric pass_at_1: Jinja template of the program run in the sandbox (row
+    # columns plus `completion`, the extracted answer), its wall-clock and memory limits
+    program: str | None = None
+    timeout: float = Field(3.0, gt=0)
+    memory_mb: int = Field(1024, ge=64)
     # output: perplexity
     max_length: int = Field(1024, ge=2)  # window length in tokens
 
@@ -118,6 +125,9 @@ class TaskSpec(Spec):
         if bad:
             raise ValueError(f"metrics {bad} do not apply to output '{self.output}'; "
                              f"choose from: {', '.join(known)}")
+        if "pass_at_1" in self.metrics and self.program is None:
+            raise ValueError("metric pass_at_1 runs the answer: give a `program` template (the code "
+                             "to execute, with {{ completion }} where the answer goes)")
         if self.primary not in self.all_metrics:
             raise ValueError(f"primary metric '{self.primary}' is not one of metrics {list(self.metrics)}")
         return self
@@ -133,6 +143,9 @@ class TaskSpec(Spec):
             if output != self.output:
                 for f in fields:
                     data.pop(f)
+        if self.program is None:
+            for f in CODE_FIELDS:
+                data.pop(f)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
