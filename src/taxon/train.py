@@ -57,11 +57,13 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> dict:
+def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train",
+                report_to: str | list[str] = "none", run_name: str | None = None) -> dict:
     """Train `stage` starting from `base` (model name or parent checkpoint); write `out`.
 
     The checkpoint is written to a temporary sibling and renamed into place at the end, so a
-    killed run never leaves a folder that looks complete.
+    killed run never leaves a folder that looks complete. `report_to` mirrors the training log to
+    MLflow or W&B through the Trainer. Under `accelerate launch` (DDP) only the main process writes.
     """
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -99,7 +101,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
         completion_only_loss=stage.objective == "sft",
         logging_steps=1,
         save_strategy="no",
-        report_to="none",
+        report_to=report_to,
+        run_name=run_name,
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(),
@@ -134,6 +137,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
     }
     meta = {"spec": stage.model_dump(mode="json"), "base": str(base), "lora": stage.lora is not None,
             "figures": figures}
-    atomic_save(trainer.model, tokenizer, out, meta)
+    if trainer.is_world_process_zero():
+        atomic_save(trainer.model, tokenizer, out, meta)
     shutil.rmtree(scratch, ignore_errors=True)
     return figures
