@@ -199,6 +199,9 @@ def study_run(
         "default); repeatable.")] = None,
     json_dir: Annotated[Path | None, typer.Option(help="Folder for one JSON file per experiment "
                                                   "(default results/<study>/json).")] = None,
+    launcher: Annotated[str | None, typer.Option(help="Run each stage's training under this "
+                                                 "command, e.g. 'accelerate launch --multi_gpu "
+                                                 "--num_processes 4' (DDP).")] = None,
 ) -> None:
     """Train what is missing, evaluate what is missing, print the results table."""
     from taxon.config import load_study
@@ -213,7 +216,7 @@ def study_run(
     ex = executors.make(executor, workers, address, gpus)
     s = Store(store or Path("results") / f"{study.name}.sqlite")
     run_study(study, s, console, executor=ex, report_to=tuple(report_to or ()),
-              json_dir=json_dir or Path("results") / study.name / "json")
+              json_dir=json_dir or Path("results") / study.name / "json", launcher=launcher)
     table = results_table(s, study.name)
     console.rule("results")
     console.print(table, highlight=False)

@@ -41,6 +41,7 @@ class _Ctx:
     run_id: str
     eval: EvalSpec
     report_to: tuple[str, ...]
+    launcher: str | None = None
     figures: dict = field(default_factory=dict)  # stage id -> training figures (for eval rows)
 
 
@@ -81,7 +82,7 @@ class StageJob:
         ctx.console.print(f"[bold]train stage {self.stage.id}[/bold] ({self.label}): "
                           f"{self.stage.spec.objective}, {self.stage.spec.steps} steps")
         return train_job, (self.stage.spec, self.base, str(self.stage.path), self.label,
-                           ctx.report_to, f"{self.label} [{self.stage.id}]")
+                           ctx.report_to, f"{self.label} [{self.stage.id}]", ctx.launcher)
 
     def record(self, ctx: _Ctx, figures: dict | None) -> None:
         """`figures` from training just now, or None: the checkpoint was already there."""
@@ -205,7 +206,8 @@ def _drive(jobs: dict, ctx: _Ctx, executor, on_done) -> None:
 
 
 def run_study(study: StudySpec, store: Store, console: Console | None = None, executor=None,
-              report_to: tuple[str, ...] = (), json_dir: Path | None = None) -> list[PlannedExperiment]:
+              report_to: tuple[str, ...] = (), json_dir: Path | None = None,
+              launcher: str | None = None) -> list[PlannedExperiment]:
     console = console or Console()
     executor = executor or Sequential()
     experiments = plan(study)
@@ -214,7 +216,8 @@ def run_study(study: StudySpec, store: Store, console: Console | None = None, ex
                   f"{len(unique_stages(experiments))} stages to train or reuse "
                   f"({n_stage_refs} without sharing); executor {executor.name}")
     jobs = build_jobs(study, experiments)
-    ctx = _Ctx(study.name, store, console, uuid.uuid4().hex[:16], study.eval, tuple(report_to))
+    ctx = _Ctx(study.name, store, console, uuid.uuid4().hex[:16], study.eval, tuple(report_to),
+               launcher)
     store.start_run(ctx.run_id, study.name, executor.name, environment())
     evals_left = {e.name: {k for k, j in jobs.items() if isinstance(j, EvalJob) and e.name in j.experiments}
                   for e in experiments}

@@ -16,11 +16,16 @@ _loaded: tuple[str, object, object] | None = None
 
 
 def train_job(spec: StageSpec, base: str, out: str, desc: str, report_to: tuple[str, ...] = (),
-              run_name: str | None = None) -> dict:
-    """Train a stage into `out` (written atomically); the training figures."""
+              run_name: str | None = None, launcher: str | None = None) -> dict:
+    """Train a stage into `out` (written atomically); the training figures. With `launcher`
+    (e.g. "accelerate launch --multi_gpu --num_processes 4") the stage runs in that command."""
     from taxon.study import tracking
     from taxon.train import train_stage
 
+    if launcher:
+        from taxon.study.launch import launch_stage
+
+        return launch_stage(launcher, spec, base, out, desc, report_to, run_name)
     try:
         return train_stage(spec, base, Path(out), desc=desc, report_to=list(report_to) or "none",
                            run_name=run_name)
