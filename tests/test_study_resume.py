@@ -160,12 +160,19 @@ def test_ray_executor_on_a_local_cluster(reference, tmp_path, monkeypatch):
     path, expected, _ = reference
     cache = fresh_cache(tmp_path / "cache")
     monkeypatch.setenv("TAXON_CACHE_DIR", str(cache))
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "ray"))
+    import shutil
+    import tempfile
+
+    # Ray's socket paths must fit in 107 bytes: pytest's tmp_path is too deep.
+    ray_tmp = tempfile.mkdtemp(prefix="taxon-ray-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway local cluster
     store = Store(tmp_path / "ray.sqlite")
     ex = executors.make("ray", 2)
     assert ex.ray.cluster_resources()["CPU"] == 2 and ex.gpus == 0
     run_study(load_study(path), store, Console(quiet=True), executor=ex)
     assert not ex.ray.is_initialized()  # the run shuts its cluster down
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     store.close()
     assert sorted(trainings(tmp_path / "ray.sqlite")) == sorted(s["id"] for s in expected["stages"])
     assert snapshot(tmp_path / "ray.sqlite", cache) == expected

@@ -7,6 +7,7 @@ the adapter (LoRA) or the full model, the tokenizer, and `taxon_stage.json` (spe
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import tempfile
@@ -57,6 +58,19 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _per_device_batch(batch_size: int) -> int:
+    """The spec's batch is the global batch: under DDP (`accelerate launch`, `torchrun`) each of
+    the WORLD_SIZE processes takes its share, so a stage trains on the same examples however it
+    is launched, and its checkpoint keeps its content-addressed identity."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size % world:
+        from taxon.errors import TaxonError
+
+        raise TaxonError(f"batch_size {batch_size} does not split over {world} processes; "
+                         f"use a multiple of {world}")
+    return batch_size // world
+
+
 def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train",
                 report_to: str | list[str] = "none", run_name: str | None = None) -> dict:
     """Train `stage` starting from `base` (model name or parent checkpoint); write `out`.
@@ -85,7 +99,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train",
     args = SFTConfig(
         output_dir=str(scratch),
         max_steps=stage.steps,
-        per_device_train_batch_size=stage.batch_size,
+        per_device_train_batch_size=_per_device_batch(stage.batch_size),
         gradient_accumulation_steps=stage.grad_accum,
         learning_rate=stage.lr,
         lr_scheduler_type=stage.schedule,
