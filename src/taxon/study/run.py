@@ -11,6 +11,7 @@ so a run killed at any moment leaves whole rows or none, and the next run does w
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import uuid
@@ -20,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 
 from taxon.config import EvalSpec, StudySpec
-from taxon.evals.tasks import parse_task_list
+from taxon.evals.tasks import get_task, parse_task_list
 from taxon.models import STAGE_META
 from taxon.study import tracking
 from taxon.study.environment import environment
@@ -86,8 +87,6 @@ class StageJob:
 
     def record(self, ctx: _Ctx, figures: dict | None) -> None:
         """`figures` from training just now, or None: the checkpoint was already there."""
-        import json
-
         trained = figures is not None
         if not trained:
             figures = json.loads((self.stage.path / STAGE_META).read_text())["figures"]
@@ -127,11 +126,10 @@ class EvalJob:
         if self.last_stage is not None and self.last_stage in ctx.figures:
             resources["trainable_params"] = ctx.figures[self.last_stage].get("trainable_params")
         ctx.store.add_result(self.model_key, self.eval_key, result, resources, ctx.run_id)
-        from taxon.evals.tasks import get_task
-
-        m = result.metrics[get_task(self.task).primary]
+        primary = get_task(self.task).primary
+        m = result.metrics[primary]
         ctx.console.print(f"  {', '.join(self.experiments)} / {self.task}: "
-                          f"{get_task(self.task).primary} {m['value']:.3f} [{m['low']:.3f}, "
+                          f"{primary} {m['value']:.3f} [{m['low']:.3f}, "
                           f"{m['high']:.3f}] on {result.n} items ({result.seconds:.0f} s)")
         if ctx.report_to:
             tracking.log_eval(ctx.report_to, ctx.study, list(self.experiments), self.model_key,
