@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from taxon.config import EvalSpec, StageSpec
+from taxon.models import load_model
 
 # The last model loaded by `evaluate_job` in this process: consecutive tasks of one model reuse it.
 _loaded: tuple[str, object, object] | None = None
@@ -57,7 +58,6 @@ def evaluate_job(location: str, task_name: str, spec: EvalSpec) -> tuple:
     global _loaded
     from taxon.evals.evaluate import evaluate_task
     from taxon.evals.tasks import get_task
-    from taxon.models import load_model
     from taxon.train import peak_memory_mb, use_bf16
 
     t0 = time.time()
