@@ -117,9 +117,10 @@ def test_new_task_end_to_end(tiny_model, store, name):
 
 
 def test_runner_and_table_show_each_tasks_metrics(tiny_model, tmp_path, monkeypatch):
-    import taxon.study.run as run
+    import taxon.study.work as work
 
-    monkeypatch.setattr(run, "load_model", lambda location: tiny_model)
+    monkeypatch.setattr(work, "load_model", lambda location: tiny_model)
+    monkeypatch.setattr(work, "_loaded", None)
     s = Store(tmp_path / "results.sqlite")
     spec = EvalSpec(tasks=("fpb", "finqa10k", "eval_domain"), limit=3, batch_size=4)
     evaluate_model("tiny", "model:tiny", spec, s, Console(quiet=True))

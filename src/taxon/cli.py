@@ -206,16 +206,36 @@ def study_run(
         help="SQLite results file (default results/<study name>.sqlite).")] = None,
     report: Annotated[Path | None, typer.Option(help="Also write the table to this file.")]
     = None,
+    executor: Annotated[str, typer.Option(help="local (this machine) or ray.")] = "local",
+    workers: Annotated[int, typer.Option(help="Jobs at once (local: worker processes; 1 = in this "
+                                         "process).")] = 1,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local "
+                                                "one).")] = None,
+    gpus: Annotated[float | None, typer.Option(help="GPUs per job on Ray (default: 1 if the "
+                                               "cluster has GPUs).")] = None,
+    report_to: Annotated[list[str] | None, typer.Option(
+        "--report-to", help="Mirror training and eval metrics to mlflow or wandb (offline by "
+        "default); repeatable.")] = None,
+    json_dir: Annotated[Path | None, typer.Option(help="Folder for one JSON file per experiment "
+                                                  "(default results/<study>/json).")] = None,
+    launcher: Annotated[str | None, typer.Option(help="Run each stage's training under this "
+                                                 "command, e.g. 'accelerate launch --multi_gpu "
+                                                 "--num_processes 4' (DDP).")] = None,
 ) -> None:
     """Train what is missing, evaluate what is missing, print the results table."""
     from taxon.config import load_study
     from taxon.report.tables import results_table
+    from taxon.study import executors, tracking
     from taxon.study.run import run_study
     from taxon.study.store import Store
 
     study = load_study(file)
+    tracking.check(tuple(report_to or ()))
+    tracking.setup(tuple(report_to or ()), study.name, Path("results") / study.name)
+    ex = executors.make(executor, workers, address, gpus)
     s = Store(store or Path("results") / f"{study.name}.sqlite")
-    run_study(study, s, console)
+    run_study(study, s, console, executor=ex, report_to=tuple(report_to or ()),
+              json_dir=json_dir or Path("results") / study.name / "json", launcher=launcher)
     table = results_table(s, study.name)
     console.rule("results")
     console.print(table, highlight=False)
@@ -229,6 +249,8 @@ def study_run(
 def report(
     store: StoreOpt = DEFAULT_STORE,
     study: Annotated[str | None, typer.Option(help="Only this study.")] = None,
+    json_dir: Annotated[Path | None, typer.Option(
+        "--json", help="Also write one JSON file per experiment into this folder.")] = None,
 ) -> None:
     """Print the results table of a store."""
     from taxon.report.tables import results_table
@@ -237,6 +259,11 @@ def report(
     if not store.is_file():
         raise TaxonError(f"no results store at {store}; run `taxon study run` or `taxon eval` first")
     console.print(results_table(Store(store), study), highlight=False)
+    if json_dir is not None:
+        from taxon.study.export import export_study
+
+        paths = export_study(Store(store), study, json_dir)
+        console.print(f"{len(paths)} experiment JSON files written to {json_dir}")
 
 
 def main() -> None:

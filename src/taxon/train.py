@@ -8,6 +8,7 @@ the adapter (LoRA) or the full model, the tokenizer, and `taxon_stage.json` (spe
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import tempfile
@@ -83,9 +84,23 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _per_device_batch(batch_size: int) -> int:
+    """The spec's batch is the global batch: under DDP (`accelerate launch`, `torchrun`) each of
+    the WORLD_SIZE processes takes its share, so a stage trains on the same examples however it
+    is launched, and its checkpoint keeps its content-addressed identity."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size % world:
+        from taxon.errors import TaxonError
+
+        raise TaxonError(f"batch_size {batch_size} does not split over {world} processes; "
+                         f"use a multiple of {world}")
+    return batch_size // world
+
+
 def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
                 save_steps: int | None = None, save_total_limit: int | None = None,
-                callbacks: tuple[TrainerCallback, ...] = ()) -> dict:
+                callbacks: tuple[TrainerCallback, ...] = (),
+                report_to: str | list[str] = "none", run_name: str | None = None) -> dict:
     """Train `stage` starting from `base` (model name or parent checkpoint); write `out`.
 
     The checkpoint is written to a temporary sibling and renamed into place at the end, so a
@@ -93,6 +108,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
     starts after step 0 continues `base`, its parent segment, exactly (see `schedule`).
     `save_steps`: also keep intermediate checkpoints in `out/checkpoint-N` (at most
     `save_total_limit`), each loadable by load_model. `callbacks`: extra TrainerCallbacks.
+    `report_to` mirrors the training log to MLflow or W&B through the Trainer. Under
+    `accelerate launch` (DDP) only the main process writes.
     """
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -126,7 +143,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         schedule_args.update(save_strategy="steps", save_steps=save_steps, save_total_limit=save_total_limit)
     args = SFTConfig(
         output_dir=str(out if save_steps else scratch),
-        per_device_train_batch_size=stage.batch_size,
+        per_device_train_batch_size=_per_device_batch(stage.batch_size),
         gradient_accumulation_steps=stage.grad_accum,
         learning_rate=stage.lr,
         **schedule_args,
@@ -140,7 +157,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         train_sampling_strategy="random" if stage.objective == "pretrain" else "group_by_length",
         completion_only_loss=stage.objective != "pretrain",
         logging_steps=1,
-        report_to="none",
+        report_to=report_to,
+        run_name=run_name,
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(),
@@ -176,9 +194,10 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         "mixture": summary,
     }
     meta["figures"] = figures
-    kept = _stash_checkpoints(out, scratch)
-    atomic_save(trainer.model, tokenizer, out, meta, extra=schedule.resume_files(stage, scratch))
-    for folder in kept:
-        folder.rename(out / folder.name)
+    if trainer.is_world_process_zero():
+        kept = _stash_checkpoints(out, scratch)
+        atomic_save(trainer.model, tokenizer, out, meta, extra=schedule.resume_files(stage, scratch))
+        for folder in kept:
+            folder.rename(out / folder.name)
     shutil.rmtree(scratch, ignore_errors=True)
     return figures

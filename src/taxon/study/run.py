@@ -1,69 +1,262 @@
-"""Run a study: train each stage once (parents first), evaluate each model once per task, store."""
+"""Run a study: train each stage once (parents first), evaluate each model once per task, store.
+
+The study becomes a graph of jobs: one per stage (after its parent stage) and one per (model, eval
+task) (after the model's last stage). The driver hands ready jobs to an executor (this process, N
+local workers, or Ray) and alone writes the store. Before starting a job it takes the job's file
+lock and looks again whether the job is done (a complete checkpoint; a stored result), so two
+`study run` processes sharing a store and a stage cache never do one job twice: the second one
+works on other jobs meanwhile, or waits. A job's outcome goes into the store in one transaction,
+so a run killed at any moment leaves whole rows or none, and the next run does what is missing.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 
 from taxon.config import EvalSpec, StudySpec
-from taxon.evals.evaluate import evaluate_task
-from taxon.evals.tasks import parse_task_list
-from taxon.models import STAGE_META, load_model
+from taxon.evals.tasks import get_task, parse_task_list
+from taxon.models import STAGE_META
+from taxon.study import tracking
+from taxon.study.environment import environment
+from taxon.study.executors import Sequential
+from taxon.study.locks import FileLock, lock_for
 from taxon.study.plan import PlannedExperiment, PlannedStage, eval_key, plan, unique_stages
 from taxon.study.store import Store
-from taxon.train import train_stage, use_bf16
+from taxon.study.work import evaluate_job, train_job
+
+POLL_SECONDS = 0.5  # how often a run waiting on another process's lock looks again
 
 
-def _ensure_stage(stage: PlannedStage, location: str, store: Store, console: Console,
-                  label: str) -> None:
-    meta = stage.path / STAGE_META
-    if meta.is_file():  # only complete checkpoints have it (written last, then renamed in)
-        console.print(f"[dim]reuse stage {stage.id} ({label})[/dim]")
-        figures = json.loads(meta.read_text())["figures"]
-    else:
-        console.print(f"[bold]train stage {stage.id}[/bold] ({label}): {stage.spec.objective}, "
-                      f"{stage.spec.steps} steps" + (f", {stage.note}" if stage.kind != "run" else ""))
-        figures = train_stage(stage.spec, location, stage.path, desc=label)
-    store.add_stage(stage.id, stage.parent, stage.spec.model_dump(mode="json"), str(stage.path),
-                    figures)
+@dataclass
+class _Ctx:
+    study: str
+    store: Store
+    console: Console
+    run_id: str
+    eval: EvalSpec
+    report_to: tuple[str, ...]
+    launcher: str | None = None
+    figures: dict = field(default_factory=dict)  # stage id -> training figures (for eval rows)
+
+
+def clear_incomplete(stage: PlannedStage) -> list[Path]:
+    """Remove what a killed writer left of `stage`: temp folders of `models.atomic_save` and a
+    folder without `taxon_stage.json` (which is written last). Call only while holding the
+    stage's lock."""
+    found = sorted(stage.path.parent.glob(stage.path.name + ".tmp*"))
+    if stage.path.exists() and not (stage.path / STAGE_META).is_file():
+        found.append(stage.path)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
+
+
+@dataclass
+class StageJob:
+    stage: PlannedStage
+    base: str  # the model name, or the parent stage's checkpoint folder
+    label: str
+    deps: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"stage:{self.stage.id}"
+
+    def lock(self) -> FileLock:
+        return lock_for("stage", self.stage.id)
+
+    def done(self, ctx: _Ctx) -> bool:
+        return (self.stage.path / STAGE_META).is_file()
+
+    def call(self, ctx: _Ctx) -> tuple:
+        removed = clear_incomplete(self.stage)
+        if removed:
+            ctx.console.print(f"[yellow]stage {self.stage.id}: removed an incomplete checkpoint "
+                              f"({', '.join(p.name for p in removed)}); training it again[/yellow]")
+        ctx.console.print(f"[bold]train stage {self.stage.id}[/bold] ({self.label}): "
+                          f"{self.stage.spec.objective}, {self.stage.spec.steps} steps"
+                          + (f", {self.stage.note}" if self.stage.kind != "run" else ""))
+        return train_job, (self.stage.spec, self.base, str(self.stage.path), self.label,
+                           ctx.report_to, f"{self.label} [{self.stage.id}]", ctx.launcher)
+
+    def record(self, ctx: _Ctx, figures: dict | None) -> None:
+        """`figures` from training just now, or None: the checkpoint was already there."""
+        trained = figures is not None
+        if not trained:
+            figures = json.loads((self.stage.path / STAGE_META).read_text())["figures"]
+            ctx.console.print(f"[dim]reuse stage {self.stage.id} ({self.label})[/dim]")
+        ctx.figures[self.stage.id] = figures
+        ctx.store.add_stage(self.stage.id, self.stage.parent, self.stage.spec.model_dump(mode="json"),
+                            str(self.stage.path), figures, run_id=ctx.run_id, trained=trained)
+
+
+@dataclass
+class EvalJob:
+    model_key: str
+    location: str
+    task: str
+    eval_key: str
+    experiments: tuple[str, ...]
+    last_stage: str | None
+    deps: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"eval:{self.model_key}:{self.eval_key}"
+
+    def lock(self) -> FileLock:
+        return lock_for("eval", f"{self.model_key}-{self.eval_key}")
+
+    def done(self, ctx: _Ctx) -> bool:
+        return ctx.store.has_result(self.model_key, self.eval_key)
+
+    def call(self, ctx: _Ctx) -> tuple:
+        return evaluate_job, (self.location, self.task, ctx.eval)
+
+    def record(self, ctx: _Ctx, outcome: tuple | None) -> None:
+        if outcome is None:
+            return
+        result, resources = outcome
+        if self.last_stage is not None and self.last_stage in ctx.figures:
+            resources["trainable_params"] = ctx.figures[self.last_stage].get("trainable_params")
+        ctx.store.add_result(self.model_key, self.eval_key, result, resources, ctx.run_id)
+        primary = get_task(self.task).primary
+        m = result.metrics[primary]
+        ctx.console.print(f"  {', '.join(self.experiments)} / {self.task}: "
+                          f"{primary} {m['value']:.3f} [{m['low']:.3f}, "
+                          f"{m['high']:.3f}] on {result.n} items ({result.seconds:.0f} s)")
+        if ctx.report_to:
+            tracking.log_eval(ctx.report_to, ctx.study, list(self.experiments), self.model_key,
+                              self.task, result.metrics, resources)
+
+
+def build_jobs(study: StudySpec, experiments: list[PlannedExperiment]) -> dict:
+    """Every job of the study, keyed, in the order a sequential run does them: experiment by
+    experiment, stages first, then its evaluations."""
+    tasks = parse_task_list(study.eval.tasks)
+    jobs: dict = {}
+    for exp in experiments:
+        base = exp.model
+        for j, stage in enumerate(exp.stages, 1):
+            job = StageJob(stage, base, f"{exp.name} {j}/{len(exp.stages)}",
+                           (f"stage:{stage.parent}",) if j > 1 else ())
+            jobs.setdefault(job.key, job)
+            base = str(stage.path)
+        last = exp.stages[-1].id if exp.stages else None
+        for task in tasks:
+            job = EvalJob(exp.model_key, exp.location, task.name, eval_key(task, study.eval), (exp.name,),
+                          last, (f"stage:{last}",) if last else ())
+            if job.key in jobs:  # another experiment ends in the same model
+                jobs[job.key].experiments += (exp.name,)
+            else:
+                jobs[job.key] = job
+    return jobs
+
+
+def _drive(jobs: dict, ctx: _Ctx, executor, on_done) -> None:
+    """Run `jobs` on `executor`, parents first; `on_done(job)` after each is recorded."""
+    pending, running, done = dict(jobs), {}, set()
+    held: dict[str, FileLock] = {}
+    try:
+        while pending or running:
+            waiting_on_others = False
+            for key, job in list(pending.items()):
+                if len(running) >= executor.slots:
+                    break
+                if any(d not in done for d in job.deps):
+                    continue
+                lock = job.lock()
+                if not lock.try_acquire():
+                    waiting_on_others = True  # another process is on it; look again later
+                    continue
+                del pending[key]
+                if job.done(ctx):
+                    lock.release()
+                    job.record(ctx, None)
+                    done.add(key)
+                    on_done(job)
+                    continue
+                held[key] = lock
+                fn, args = job.call(ctx)
+                running[executor.submit(fn, *args)] = job
+            if running:
+                for handle in executor.wait(list(running), timeout=POLL_SECONDS if pending else None):
+                    job = running.pop(handle)
+                    outcome = executor.result(handle)  # a job's error ends the run here
+                    job.record(ctx, outcome)
+                    held.pop(job.key).release()
+                    done.add(job.key)
+                    on_done(job)
+            elif pending:
+                if not waiting_on_others and not any(
+                        all(d in done for d in j.deps) for j in pending.values()):
+                    raise RuntimeError(f"jobs with unmet dependencies: {sorted(pending)}")
+                time.sleep(POLL_SECONDS)
+    finally:
+        for lock in held.values():
+            lock.release()
+
+
+def run_study(study: StudySpec, store: Store, console: Console | None = None, executor=None,
+              report_to: tuple[str, ...] = (), json_dir: Path | None = None,
+              launcher: str | None = None) -> list[PlannedExperiment]:
+    console = console or Console()
+    executor = executor or Sequential()
+    experiments = plan(study)
+    n_stage_refs = sum(len(e.stages) for e in experiments)
+    console.print(f"study [bold]{study.name}[/bold]: {len(experiments)} experiments, "
+                  f"{len(unique_stages(experiments))} stages to train or reuse "
+                  f"({n_stage_refs} without sharing); executor {executor.name}")
+    jobs = build_jobs(study, experiments)
+    ctx = _Ctx(study.name, store, console, uuid.uuid4().hex[:16], study.eval, tuple(report_to),
+               launcher)
+    store.start_run(ctx.run_id, study.name, executor.name, environment())
+    evals_left = {e.name: {k for k, j in jobs.items() if isinstance(j, EvalJob) and e.name in j.experiments}
+                  for e in experiments}
+    specs = {e.name: e for e in study.experiments}
+    by_name = {e.name: e for e in experiments}
+    n_done = [0]
+
+    def on_done(job) -> None:
+        n_done[0] += 1
+        console.print(f"[dim]{n_done[0]}/{len(jobs)} jobs done[/dim]")
+        for name in getattr(job, "experiments", ()):
+            evals_left[name].discard(job.key)
+            if not evals_left[name]:  # the experiment is complete: its row goes in last
+                exp = by_name[name]
+                store.add_experiment(study.name, name, exp.model, exp.model_key,
+                                     [s.id for s in exp.stages], specs[name].model_dump(mode="json"))
+                if json_dir is not None:
+                    from taxon.study.export import write_experiment_json
+
+                    write_experiment_json(store, study.name, name, json_dir)
+
+    try:
+        _drive(jobs, ctx, executor, on_done)
+    finally:
+        executor.shutdown()
+    store.finish_run(ctx.run_id)
+    return experiments
 
 
 def evaluate_model(location: str, model_key: str, spec: EvalSpec, store: Store,
                    console: Console) -> None:
     """Evaluate one model on every task of `spec` that the store does not hold yet."""
-    tasks = parse_task_list(spec.tasks)
-    pending = [t for t in tasks if not store.has_result(model_key, eval_key(t, spec))]
-    if not pending:
+    jobs = {}
+    for task in parse_task_list(spec.tasks):
+        job = EvalJob(model_key, location, task.name, eval_key(task, spec), (location,), None, ())
+        jobs[job.key] = job
+    ctx = _Ctx("eval", store, console, uuid.uuid4().hex[:16], spec, ())
+    if all(j.done(ctx) for j in jobs.values()):
         console.print("[dim]all results already stored[/dim]")
         return
-    model, tokenizer = load_model(location)
-    for task in pending:
-        r = evaluate_task(model, tokenizer, task, shots=spec.shots, limit=spec.limit,
-                          seed=spec.seed, batch_size=spec.batch_size,
-                          bf16=use_bf16(spec.precision))
-        store.add_result(model_key, eval_key(task, spec), r)
-        m = r.metrics[task.primary]
-        console.print(f"  {task.name}: {task.primary} {m['value']:.3f} "
-                      f"[{m['low']:.3f}, {m['high']:.3f}] on {r.n} items ({r.seconds:.0f} s)")
-
-
-def run_study(study: StudySpec, store: Store, console: Console | None = None) -> list[PlannedExperiment]:
-    console = console or Console()
-    experiments = plan(study)
-    n_stage_refs = sum(len(e.stages) for e in experiments)
-    console.print(f"study [bold]{study.name}[/bold]: {len(experiments)} experiments, "
-                  f"{len(unique_stages(experiments))} stages to train or reuse "
-                  f"({n_stage_refs} without sharing)")
-    for i, exp in enumerate(experiments, 1):
-        console.rule(f"[{i}/{len(experiments)}] {exp.name}")
-        location = exp.model
-        for j, stage in enumerate(exp.stages, 1):
-            _ensure_stage(stage, location, store, console, f"{exp.name} {j}/{len(exp.stages)}")
-            location = str(stage.path)
-        store.add_experiment(study.name, exp.name, exp.model, exp.model_key,
-                             [s.id for s in exp.stages],
-                             next(e for e in study.experiments if e.name == exp.name)
-                             .model_dump(mode="json"))
-        evaluate_model(exp.location, exp.model_key, study.eval, store, console)
-    return experiments
+    store.start_run(ctx.run_id, "eval", "sequential", environment())
+    _drive(jobs, ctx, Sequential(), lambda job: None)
+    store.finish_run(ctx.run_id)

@@ -5,7 +5,12 @@ A prediction's `gold` and `pred` are JSON: label indices for multiple choice, an
 generation, null for perplexity windows; `scores` is JSON too (choice log-likelihoods; the raw
 generation and per-item metric values; a window's NLL and token count). Stores created before
 generation declared gold/pred INTEGER; JSON text reads back the same from those columns (SQLite
-keeps '"18"' as text and turns '1' into 1), so old stores keep working without a migration."""
+keeps '"18"' as text and turns '1' into 1), so old stores keep working without a migration.
+
+Later tables (runs with their environment, resources per stage and per evaluation, the event log)
+are only ever added (CREATE TABLE IF NOT EXISTS), so a store written by an older taxon opens and
+gains them. `events` is append-only: one row per stage trained or reused and per task evaluated,
+so it shows what each run did (and that nothing was trained twice)."""
 
 from __future__ import annotations
 
@@ -29,7 +34,25 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE TABLE IF NOT EXISTS predictions (
     model_key TEXT NOT NULL, eval_key TEXT NOT NULL, idx INTEGER NOT NULL, gold TEXT NOT NULL,
     pred TEXT NOT NULL, scores TEXT NOT NULL, PRIMARY KEY (model_key, eval_key, idx));
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY, study TEXT NOT NULL, started REAL NOT NULL, finished REAL,
+    executor TEXT NOT NULL, environment TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS stage_resources (
+    stage_id TEXT PRIMARY KEY, run_id TEXT, wall_seconds REAL, train_seconds REAL, tokens INTEGER,
+    tokens_per_s REAL, peak_memory_mb REAL, total_params INTEGER, trainable_params INTEGER,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS eval_resources (
+    model_key TEXT NOT NULL, eval_key TEXT NOT NULL, run_id TEXT, wall_seconds REAL,
+    tokens INTEGER, peak_memory_mb REAL, total_params INTEGER, trainable_params INTEGER,
+    created REAL NOT NULL, PRIMARY KEY (model_key, eval_key));
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, kind TEXT NOT NULL, key TEXT NOT NULL,
+    created REAL NOT NULL);
 """
+
+STAGE_RESOURCES = ("wall_seconds", "train_seconds", "tokens", "tokens_per_s", "peak_memory_mb",
+                   "total_params", "trainable_params")
+EVAL_RESOURCES = ("wall_seconds", "tokens", "peak_memory_mb", "total_params", "trainable_params")
 
 
 def _from_json(value):
@@ -49,12 +72,50 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
-    def add_stage(self, stage_id: str, parent: str, spec: dict, path: str, figures: dict) -> None:
+    def add_stage(self, stage_id: str, parent: str, spec: dict, path: str, figures: dict,
+                  run_id: str | None = None, trained: bool = False) -> None:
+        """The stage row, its resources (from the training figures) and a `train` or `reuse`
+        event, in one transaction. A reused stage keeps the resources of the run that trained it."""
+        now = time.time()
         with self.db:
             self.db.execute(
                 "INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?)",
-                (stage_id, parent, json.dumps(spec), path, json.dumps(figures), time.time()),
+                (stage_id, parent, json.dumps(spec), path, json.dumps(figures), now),
             )
+            self.db.execute(
+                f"INSERT OR {'REPLACE' if trained else 'IGNORE'} INTO stage_resources VALUES "
+                "(?,?,?,?,?,?,?,?,?,?)",
+                (stage_id, run_id if trained else None, *(figures.get(k) for k in STAGE_RESOURCES),
+                 now),
+            )
+            self.db.execute("INSERT INTO events (run_id, kind, key, created) VALUES (?,?,?,?)",
+                            (run_id, "train" if trained else "reuse", stage_id, now))
+
+    def start_run(self, run_id: str, study: str, executor: str, environment: dict) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?)",
+                            (run_id, study, time.time(), None, executor, json.dumps(environment)))
+
+    def finish_run(self, run_id: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE runs SET finished=? WHERE id=?", (time.time(), run_id))
+
+    def runs(self) -> list[dict]:
+        return [{**dict(r), "environment": json.loads(r["environment"])}
+                for r in self.db.execute("SELECT * FROM runs ORDER BY started")]
+
+    def stage_resources(self, stage_id: str) -> dict | None:
+        row = self.db.execute("SELECT * FROM stage_resources WHERE stage_id=?",
+                              (stage_id,)).fetchone()
+        return None if row is None else dict(row)
+
+    def eval_resources(self, model_key: str) -> list[dict]:
+        q = "SELECT * FROM eval_resources WHERE model_key=? ORDER BY created"
+        return [dict(r) for r in self.db.execute(q, (model_key,))]
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        q = "SELECT * FROM events" + (" WHERE kind=?" if kind else "") + " ORDER BY seq"
+        return [dict(r) for r in self.db.execute(q, (kind,) if kind else ())]
 
     def stage(self, stage_id: str) -> dict | None:
         row = self.db.execute("SELECT * FROM stages WHERE id=?", (stage_id,)).fetchone()
@@ -76,9 +137,19 @@ class Store:
         q = "SELECT 1 FROM results WHERE model_key=? AND eval_key=?"
         return self.db.execute(q, (model_key, eval_key)).fetchone() is not None
 
-    def add_result(self, model_key: str, eval_key: str, result) -> None:
-        """A task's metrics and all its per-example predictions, in one transaction."""
+    def add_result(self, model_key: str, eval_key: str, result, resources: dict | None = None,
+                   run_id: str | None = None) -> None:
+        """A task's metrics, all its per-example predictions, its resources and an `evaluate`
+        event, in one transaction."""
+        resources = resources or {"wall_seconds": result.seconds}
         with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO eval_resources VALUES (?,?,?,?,?,?,?,?,?)",
+                (model_key, eval_key, run_id, *(resources.get(k) for k in EVAL_RESOURCES),
+                 time.time()),
+            )
+            self.db.execute("INSERT INTO events (run_id, kind, key, created) VALUES (?,?,?,?)",
+                            (run_id, "evaluate", f"{model_key}/{eval_key}", time.time()))
             self.db.execute(
                 "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?)",
                 (model_key, eval_key, result.task, result.shots, result.n, result.n_total,

@@ -1,0 +1,84 @@
+"""The two kinds of job a study runs, as plain functions an executor can call in this process, in a
+worker process or on a Ray node: train one stage, evaluate one model on one task. They write only
+the checkpoint folder; the driver writes the store (it holds the job's lock meanwhile)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from taxon.config import EvalSpec, StageSpec
+from taxon.models import load_model
+
+# The last model loaded by `evaluate_job` in this process: consecutive tasks of one model reuse it.
+_loaded: tuple[str, object, object] | None = None
+
+
+def train_job(spec: StageSpec, base: str, out: str, desc: str, report_to: tuple[str, ...] = (),
+              run_name: str | None = None, launcher: str | None = None) -> dict:
+    """Train a stage into `out` (written atomically); the training figures. With `launcher`
+    (e.g. "accelerate launch --multi_gpu --num_processes 4") the stage runs in that command."""
+    from taxon.study import tracking
+    from taxon.train import train_stage
+
+    if launcher:
+        from taxon.study.launch import launch_stage
+
+        return launch_stage(launcher, spec, base, out, desc, report_to, run_name)
+    try:
+        return train_stage(spec, base, Path(out), desc=desc, report_to=list(report_to) or "none",
+                           run_name=run_name)
+    finally:
+        tracking.close_training_runs(report_to)
+
+
+class _TokenCounter:
+    """Counts tokens that pass through the model's forward: non-padding positions when the mask
+    matches the input, every input position otherwise (generation steps with a KV cache)."""
+
+    def __init__(self, model):
+        self.tokens = 0
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if ids is not None:
+            same = mask is not None and mask.shape == ids.shape
+            self.tokens += int(mask.sum()) if same else ids.numel()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def evaluate_job(location: str, task_name: str, spec: EvalSpec) -> tuple:
+    """Evaluate the model at `location` on one task; (TaskResult, resources)."""
+    global _loaded
+    from taxon.evals.evaluate import evaluate_task
+    from taxon.evals.tasks import get_task
+    from taxon.train import peak_memory_mb, use_bf16
+
+    t0 = time.time()
+    if _loaded is None or _loaded[0] != location:
+        _loaded = None  # free the previous model before loading the next
+        _loaded = (location, *load_model(location))
+    _, model, tokenizer = _loaded
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    counter = _TokenCounter(model)
+    try:
+        result = evaluate_task(model, tokenizer, get_task(task_name), shots=spec.shots,
+                               limit=spec.limit, seed=spec.seed, batch_size=spec.batch_size,
+                               bf16=use_bf16(spec.precision))
+    finally:
+        counter.remove()
+    resources = {
+        "wall_seconds": time.time() - t0,
+        "tokens": counter.tokens,
+        "peak_memory_mb": peak_memory_mb(),
+        "total_params": sum(p.numel() for p in model.parameters()),  # type: ignore[attr-defined]
+        "trainable_params": None,  # set by the driver from the last stage's figures
+    }
+    return result, resources
