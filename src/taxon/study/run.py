@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from rich.console import Console
 
 from taxon.config import EvalSpec, StudySpec
 from taxon.evals.evaluate import evaluate_task
-from taxon.evals.tasks import parse_task_list
+from taxon.evals.tasks import missing_data, parse_task_list
 from taxon.models import STAGE_META, load_model
 from taxon.study.plan import PlannedExperiment, PlannedStage, eval_key, plan, unique_stages
 from taxon.study.store import Store
@@ -29,19 +30,30 @@ def _ensure_stage(stage: PlannedStage, location: str, store: Store, console: Con
                     figures)
 
 
+def _skip_missing(task, console: Console) -> bool:
+    reason = missing_data(task)
+    if reason:
+        console.print(f"[yellow]skip {task.name}[/yellow]: {reason}")
+    return reason is not None
+
+
 def evaluate_model(location: str, model_key: str, spec: EvalSpec, store: Store,
                    console: Console) -> None:
     """Evaluate one model on every task of `spec` that the store does not hold yet."""
     tasks = parse_task_list(spec.tasks)
+    if list(spec.tasks) == ["all"]:  # the suite runs what it can; named tasks must all load
+        tasks = [t for t in tasks if not _skip_missing(t, console)]
     pending = [t for t in tasks if not store.has_result(model_key, eval_key(t, spec))]
     if not pending:
         console.print("[dim]all results already stored[/dim]")
         return
     model, tokenizer = load_model(location)
+    meta = Path(location) / STAGE_META
+    trainable = json.loads(meta.read_text())["figures"].get("trainable_params") if meta.is_file() else None
     for task in pending:
         r = evaluate_task(model, tokenizer, task, shots=spec.shots, limit=spec.limit,
                           seed=spec.seed, batch_size=spec.batch_size,
-                          bf16=use_bf16(spec.precision))
+                          bf16=use_bf16(spec.precision), trainable_params=trainable)
         store.add_result(model_key, eval_key(task, spec), r)
         m = r.metrics[task.primary]
         console.print(f"  {task.name}: {task.primary} {m['value']:.3f} "
