@@ -7,6 +7,11 @@ Three output types, each with one code path in `evaluate.py`:
   the answer out of the generated text (and out of the reference completion, unless `target`
   gives the gold answer as its own template).
 - `perplexity`: loss and perplexity of the split's texts, in non-overlapping `max_length` windows.
+
+A task renders its items with its card's templates unless it gives its own (`prompt`,
+`completion`; for multiple choice also `choices` and a gold `label` template); `questions` asks
+each row several questions (one item each), `where` leaves rows out. Published scores to compare
+with live in `references.yaml`, not here: they change no number, so no task identity.
 """
 
 from __future__ import annotations

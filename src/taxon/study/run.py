@@ -56,8 +56,10 @@ def evaluate_model(location: str, model_key: str, spec: EvalSpec, store: Store,
                           bf16=use_bf16(spec.precision), trainable_params=trainable)
         store.add_result(model_key, eval_key(task, spec), r)
         m = r.metrics[task.primary]
+        eff = r.metrics["efficiency"]
         console.print(f"  {task.name}: {task.primary} {m['value']:.3f} "
-                      f"[{m['low']:.3f}, {m['high']:.3f}] on {r.n} items ({r.seconds:.0f} s)")
+                      f"[{m['low']:.3f}, {m['high']:.3f}] on {r.n} items ({r.seconds:.0f} s, "
+                      f"{eff['tokens_per_s']:.0f} tokens/s, peak {eff['peak_memory_mb']:.0f} MB)")
 
 
 def run_study(study: StudySpec, store: Store, console: Console | None = None) -> list[PlannedExperiment]:
