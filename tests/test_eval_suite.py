@@ -215,3 +215,15 @@ def test_identity_leaves_out_unset_fields():
     for field in ("questions", "choices", "ner", "where", "suite", "references"):
         assert f'"{field}"' not in fpb
     assert '"questions"' in get_task("headline").canonical()
+
+
+def test_long_contexts_keep_their_end(tiny_model):
+    """A multiple-choice context longer than the model's window loses its oldest tokens (tiny has
+    1,024 positions), so scoring works and says how many prompts it cut."""
+    model, tok = tiny_model
+    task = get_task("sst2").model_copy(update={"prompt": "{{ (sentence ~ ' ') * 200 }}\nSentiment:",
+                                               "metrics": ("accuracy",), "primary": "accuracy"})
+    r = evaluate_task(model, tok, task, limit=2, seed=0)
+    assert r.metrics["settings"]["truncated_prompts"] == 2
+    assert all(np.isfinite(p["scores"]).all() for p in r.predictions)
+    assert r.metrics["efficiency"]["tokens"] <= 2 * (1024 + 2)

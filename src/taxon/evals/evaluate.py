@@ -119,17 +119,15 @@ def _multiple_choice(model, tokenizer, task: TaskSpec, *, shots, limit, seed, ba
     n_labels = len(names)
     requests, golds, truncated, tokens = [], [], 0, 0
     for it, context in zip(its, contexts, strict=True):
-        for label in range(n_labels):
-            choice = items.choice_text(task, card, it.vars, label)
-            ctx_ids, cont_ids = encode_pair(
-                tokenizer, context, render.format_completion(tokenizer, choice, chat, end=False)
-            )
-            # A context longer than the model's window loses its oldest tokens, as in generation.
-            budget = prompt_budget(model, len(cont_ids))
-            if budget is not None and len(ctx_ids) > budget:
-                ctx_ids, truncated = ctx_ids[-budget:], truncated + (label == 0)
-            tokens += (label == 0) * len(ctx_ids) + len(cont_ids)
-            requests.append((ctx_ids, cont_ids))
+        pairs = [encode_pair(tokenizer, context, render.format_completion(
+            tokenizer, items.choice_text(task, card, it.vars, label), chat, end=False))
+            for label in range(n_labels)]
+        # A context longer than the model's window loses its oldest tokens, as in generation.
+        budget = prompt_budget(model, max(len(c) for _, c in pairs))
+        if budget is not None and len(pairs[0][0]) > budget:
+            pairs, truncated = [(ctx[-budget:], c) for ctx, c in pairs], truncated + 1
+        tokens += len(pairs[0][0]) + sum(len(c) for _, c in pairs)
+        requests += pairs
         golds.append(items.gold_index(task, card, it.vars))
     scores = loglikelihoods(
         model, requests, tokenizer.pad_token_id, batch_size=batch_size, bf16=bf16, desc=task.name
