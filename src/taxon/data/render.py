@@ -132,3 +132,18 @@ def format_completion(tokenizer, completion: str, chat: bool, end: bool = True) 
     after the header, so the leading space of a base-model verbaliser is dropped."""
     text = completion.lstrip() if chat else completion
     return text + (tokenizer.eos_token if end else "")
+
+
+@cache
+def compile_expression(source: str):
+    return _env.compile_expression(source)
+
+
+def holds(card: Card, expression: str, row: dict) -> bool:
+    """A Jinja expression over a row's columns (e.g. a task's `where`), as a truth value."""
+    try:
+        return bool(compile_expression(expression)(**_context(card, row)))
+    except jinja2.UndefinedError as e:
+        raise TaxonError(f"expression {expression!r} uses {e.message}; fix the task") from e
+    except jinja2.TemplateSyntaxError as e:
+        raise TaxonError(f"expression {expression!r}: {e.message}; fix the task") from e

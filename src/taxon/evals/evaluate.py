@@ -12,8 +12,8 @@ from taxon.data import render
 from taxon.data.cards import get_card
 from taxon.data.mixture import encode_pair
 from taxon.data.sources import load_rows
-from taxon.evals import execution
-from taxon.evals.generation import extract, generate
+from taxon.evals import efficiency, execution, items, ner
+from taxon.evals.generation import extract, generate, prompt_budget
 from taxon.evals.metrics import classification_report, generation_report, generation_scores, perplexity_report
 from taxon.evals.scoring import loglikelihoods
 from taxon.evals.tasks import TaskSpec
@@ -29,17 +29,18 @@ class TaskResult:
     n: int  # items scored
     n_total: int  # items in the split
     shots: int
-    metrics: dict  # {name: {value, low, high}}, settings, and per output type: per_class,
-    # confusion (multiple_choice); tokens (perplexity)
+    metrics: dict  # {name: {value, low, high}}, settings, efficiency, and per output type:
+    # per_class, confusion, per_group (multiple_choice); per_type (ner); tokens (perplexity)
     predictions: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
 
-def _demos(pool, card, rng, k: int, exclude: str) -> list[tuple[str, str]]:
-    """k demonstrations drawn with the seed from the few-shot split (never the test split)."""
+def _demos(task, pool, card, rng, k: int, exclude: str, question: dict | None) -> list[tuple[str, str]]:
+    """k demonstrations drawn with the seed from the few-shot split (never the test split), each
+    asked the same question as the item."""
     picks = []
     for i in rng.permutation(len(pool)):
-        p, c = render.as_pair(card, pool[int(i)])
+        p, c = items.demo_pair(task, card, items.variables(pool[int(i)], question))
         if p != exclude:
             picks.append((p, c))
         if len(picks) == k:
@@ -49,11 +50,14 @@ def _demos(pool, card, rng, k: int, exclude: str) -> list[tuple[str, str]]:
 
 def evaluate_task(
     model, tokenizer, task: TaskSpec, *, shots: int | None = None, limit: int | None = None,
-    seed: int = 0, batch_size: int = 16, bf16: bool = False,
+    seed: int = 0, batch_size: int = 16, bf16: bool = False, trainable_params: int | None = None,
 ) -> TaskResult:
-    """Evaluate `task`; `limit`: a seeded subsample of the test items (of the windows, for
-    perplexity). Every prediction is kept with its index in the split."""
+    """Evaluate `task`; `limit`: a seeded subsample of the test rows (of the windows, for
+    perplexity). Every prediction is kept with its index in the split. `trainable_params`: what
+    training updated, when the caller knows (see `efficiency.parameters`)."""
     t0 = time.time()
+    device = next(model.parameters()).device
+    memory = efficiency.reset_peak_memory(device)
     shots = task.shots if shots is None else shots
     run = {"multiple_choice": _multiple_choice, "generate": _generate, "perplexity": _perplexity}
     r = run[task.output](model, tokenizer, task, shots=shots, limit=limit, seed=seed,
@@ -61,29 +65,47 @@ def evaluate_task(
     r.metrics["settings"] = {"precision": "bf16" if bf16 else "fp32", "seed": seed,
                              **r.metrics.get("settings", {})}
     r.seconds = time.time() - t0
+    tokens = r.metrics.get("efficiency", {}).get("tokens", 0)
+    r.metrics["efficiency"] = {
+        **r.metrics.get("efficiency", {}), "seconds": r.seconds,
+        "tokens_per_s": tokens / r.seconds if r.seconds else None,
+        "items_per_s": r.n / r.seconds if r.seconds else None,
+        "peak_memory_mb": efficiency.peak_memory_mb(device), "peak_memory_kind": memory,
+        **efficiency.parameters(model, trainable_params),
+    }
     return r
 
 
 def _items(task: TaskSpec, limit: int | None, seed: int):
-    """The split's rows, each with its index `_idx`, subsampled with the seed; and the split size."""
+    """The test items: the split's rows (each with its index `_idx`; those failing the task's
+    `where` left out), subsampled with the seed, each row asked every question; and how many
+    items the whole split gives."""
+    card = get_card(task.dataset).for_config(task.config)
     rows = load_rows(task.dataset, task.config, task.split)
-    n_total = len(rows)
-    rows = rows.add_column("_idx", list(range(n_total)))
-    if limit is not None and limit < n_total:
+    rows = rows.add_column("_idx", list(range(len(rows))))
+    if task.where:
+        rows = rows.filter(lambda r: render.holds(card, task.where, r))
+    n_rows = len(rows)
+    if limit is not None and limit < n_rows:
         rows = rows.shuffle(seed=seed).select(range(limit))
-    return rows, n_total
+    return items.expand(task, rows), n_rows * len(task.questions or (None,))
 
 
-def _contexts(tokenizer, task: TaskSpec, rows, shots: int, seed: int):
-    """Each row's prompt, demonstrations and chat formatting applied; whether chat was used."""
+def _contexts(tokenizer, task: TaskSpec, its: list[items.Item], shots: int, seed: int):
+    """Each item's prompt, demonstrations and chat formatting applied; whether chat was used."""
     card = get_card(task.dataset).for_config(task.config)
     chat = render.uses_chat(tokenizer, task.chat)
-    pool = load_rows(task.dataset, task.config, task.fewshot_split) if shots else None
+    pool = None
+    if shots:
+        pool = load_rows(task.dataset, task.config, task.fewshot_split)
+        if task.where:
+            pool = pool.filter(lambda r: render.holds(card, task.where, r))
     rng = np.random.default_rng(seed)
+    questions = {q["name"]: q for q in task.questions or ()}
     out = []
-    for row in rows:
-        prompt, _ = render.as_pair(card, row)
-        demos = _demos(pool, card, rng, shots, prompt) if shots else []
+    for it in its:
+        prompt, _ = items.demo_pair(task, card, it.vars)
+        demos = _demos(task, pool, card, rng, shots, prompt, questions.get(it.group)) if shots else []
         out.append(render.format_prompt(tokenizer, prompt, chat, demos))
     return out, chat
 
@@ -91,19 +113,22 @@ def _contexts(tokenizer, task: TaskSpec, rows, shots: int, seed: int):
 def _multiple_choice(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_size,
                      bf16) -> TaskResult:
     card = get_card(task.dataset).for_config(task.config)
-    rows, n_total = _items(task, limit, seed)
-    contexts, chat = _contexts(tokenizer, task, rows, shots, seed)
-    n_labels = len(card.labels or ())
-    requests, golds, idxs = [], [], []
-    for row, context in zip(rows, contexts, strict=True):
-        for label in range(n_labels):
-            choice = render.render(card, card.templates.completion, {**row, card.label_field: label})
-            ctx_ids, cont_ids = encode_pair(
-                tokenizer, context, render.format_completion(tokenizer, choice, chat, end=False)
-            )
-            requests.append((ctx_ids, cont_ids))
-        golds.append(row[card.label_field])
-        idxs.append(row["_idx"])
+    its, n_total = _items(task, limit, seed)
+    contexts, chat = _contexts(tokenizer, task, its, shots, seed)
+    names = items.choices(task, card)
+    n_labels = len(names)
+    requests, golds, truncated, tokens = [], [], 0, 0
+    for it, context in zip(its, contexts, strict=True):
+        pairs = [encode_pair(tokenizer, context, render.format_completion(
+            tokenizer, items.choice_text(task, card, it.vars, label), chat, end=False))
+            for label in range(n_labels)]
+        # A context longer than the model's window loses its oldest tokens, as in generation.
+        budget = prompt_budget(model, max(len(c) for _, c in pairs))
+        if budget is not None and len(pairs[0][0]) > budget:
+            pairs, truncated = [(ctx[-budget:], c) for ctx, c in pairs], truncated + 1
+        tokens += len(pairs[0][0]) + sum(len(c) for _, c in pairs)
+        requests += pairs
+        golds.append(items.gold_index(task, card, it.vars))
     scores = loglikelihoods(
         model, requests, tokenizer.pad_token_id, batch_size=batch_size, bf16=bf16, desc=task.name
     )
@@ -111,39 +136,53 @@ def _multiple_choice(model, tokenizer, task: TaskSpec, *, shots, limit, seed, ba
     probs = np.exp(ll - ll.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     preds = ll.argmax(axis=1)
-    metrics = classification_report(golds, preds, probs, list(card.labels), task.metrics, seed=seed)
-    metrics["settings"] = {"chat": chat}
+    groups = [it.group for it in its] if task.questions else None
+    metrics = classification_report(golds, preds, probs, list(names), task.metrics, seed=seed,
+                                    groups=groups)
+    metrics["settings"] = {"chat": chat, "truncated_prompts": truncated}
+    # tokens: each item's context once plus every choice's continuation
+    metrics["efficiency"] = {"tokens": tokens}
     predictions = [
-        {"idx": int(i), "gold": int(g), "pred": int(p), "scores": [float(x) for x in s]}
-        for i, g, p, s in zip(idxs, golds, preds, ll, strict=True)
+        {"idx": it.idx, "gold": int(g), "pred": int(p), "scores": [float(x) for x in s]}
+        for it, g, p, s in zip(its, golds, preds, ll, strict=True)
     ]
     return TaskResult(task.name, len(golds), n_total, shots, metrics, predictions)
 
 
-def gold_answer(task: TaskSpec, card, row: dict) -> str:
+def gold_answer(task: TaskSpec, card, vars: dict) -> str:
     """The reference answer: the task's `target` template, else the extractor applied to the
-    card's completion (e.g. GSM8K: the number after '####' of the worked answer)."""
+    reference completion (e.g. GSM8K: the number after '####' of the worked answer)."""
     if task.target is not None:
-        return render.render(card, task.target, row).strip()
-    _, completion = render.as_pair(card, row)
+        return render.render(card, task.target, vars).strip()
+    _, completion = items.pair(task, card, vars)
     return extract(task.extractor, completion)
 
 
 def _generate(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_size,
               bf16) -> TaskResult:
     card = get_card(task.dataset).for_config(task.config)
-    rows, n_total = _items(task, limit, seed)
-    contexts, chat = _contexts(tokenizer, task, rows, shots, seed)
-    golds = [gold_answer(task, card, row) for row in rows]
+    its, n_total = _items(task, limit, seed)
+    contexts, chat = _contexts(tokenizer, task, its, shots, seed)
+    golds = [gold_answer(task, card, it.vars) for it in its]
     gens = generate(model, tokenizer, contexts, max_new_tokens=task.max_new_tokens, stop=task.stop,
                     batch_size=batch_size, bf16=bf16, desc=task.name)
     preds = [extract(task.extractor, g.text) for g in gens]
-    names = task.all_metrics
-    items = generation_scores(golds, preds, [n for n in names if n != "pass_at_1"], task.rel_tol)
-    outcomes = execution.execute(task, card, rows, preds) if "pass_at_1" in names else None
+    names = [n for n in task.all_metrics if n != "entity_f1"]
+    scores = generation_scores(golds, preds, [n for n in names if n != "pass_at_1"], task.rel_tol)
+    outcomes = execution.execute(task, card, [it.row for it in its], preds) if "pass_at_1" in names else None
     if outcomes is not None:
-        items["pass_at_1"] = [float(o.passed) for o in outcomes]
-    metrics = generation_report(golds, preds, names, task.rel_tol, seed=seed, items=items)
+        scores["pass_at_1"] = [float(o.passed) for o in outcomes]
+    metrics = generation_report(golds, preds, names, task.rel_tol, seed=seed, items=scores)
+    if task.ner is not None:  # entity F1 over the sentence's words, gold from its tags
+        spec = task.ner
+        gold_tags = [ner.gold_tags(it.row[spec.tags], spec.types) for it in its]
+        pred_tags = [ner.tag_entities(it.row[spec.tokens], ner.parse_entities(p, spec.types))
+                     for it, p in zip(its, preds, strict=True)]
+        metrics.update(ner.entity_report(gold_tags, pred_tags, seed=seed))
+        counts = [ner.entity_counts(g, p) for g, p in zip(gold_tags, pred_tags, strict=True)]
+        scores["entities"] = [dict(zip(("correct", "predicted", "gold"), c, strict=True)) for c in counts]
+    metrics["efficiency"] = {"tokens": sum(g.prompt_tokens + g.new_tokens for g in gens),
+                             "new_tokens": sum(g.new_tokens for g in gens)}
     metrics["settings"] = {
         "chat": chat, "extractor": task.extractor, "stop": list(task.stop),
         "max_new_tokens": task.max_new_tokens, "rel_tol": task.rel_tol,
@@ -152,10 +191,10 @@ def _generate(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_siz
         **(execution.settings(task) if outcomes is not None else {}),
     }
     predictions = [
-        {"idx": int(row["_idx"]), "gold": gold, "pred": pred,
-         "scores": {"output": g.text, **{k: v[j] for k, v in items.items()},
+        {"idx": it.idx, "gold": gold, "pred": pred,
+         "scores": {"output": g.text, **{k: v[j] for k, v in scores.items()},
                     **({"status": outcomes[j].status, "reason": outcomes[j].reason} if outcomes else {})}}
-        for j, (row, gold, pred, g) in enumerate(zip(rows, golds, preds, gens, strict=True))
+        for j, (it, gold, pred, g) in enumerate(zip(its, golds, preds, gens, strict=True))
     ]
     return TaskResult(task.name, len(golds), n_total, shots, metrics, predictions)
 
@@ -195,6 +234,7 @@ def _perplexity(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_s
     nll = [-x for x in ll]
     tokens = [len(c) for _, c in requests]
     metrics = perplexity_report(nll, tokens, seed=seed)
+    metrics["efficiency"] = {"tokens": sum(len(c) + 1 for _, c in requests)}
     metrics["settings"] = {"max_length": length, "windows": "non-overlapping",
                            "documents": sum(1 for t in texts if t.strip())}
     predictions = [{"idx": i, "gold": None, "pred": None, "scores": {"nll": v, "tokens": t}}

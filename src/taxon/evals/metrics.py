@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import string
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -21,6 +22,7 @@ from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
     f1_score,
+    matthews_corrcoef,
     precision_recall_fscore_support,
 )
 
@@ -39,6 +41,12 @@ def expected_calibration_error(y_true, probs, n_bins: int = 10) -> float:
     return float(ece)
 
 
+def _mcc(y_true, y_pred) -> float:
+    with warnings.catch_warnings():  # a resample with one class is legal: MCC is 0 there
+        warnings.simplefilter("ignore", UserWarning)
+        return float(matthews_corrcoef(y_true, y_pred)) if len(y_true) else 0.0
+
+
 def scalar_metrics(n_classes: int) -> dict[str, Callable]:
     labels = list(range(n_classes))
     return {
@@ -48,20 +56,47 @@ def scalar_metrics(n_classes: int) -> dict[str, Callable]:
             t, p, labels=labels, average="weighted", zero_division=0
         ),
         "ece": lambda t, p, pr: expected_calibration_error(t, pr),
+        # GLUE's own metrics: Matthews correlation (CoLA) and F1 of label 1 (MRPC, QQP)
+        "mcc": lambda t, p, pr: _mcc(t, p),
+        "binary_f1": lambda t, p, pr: f1_score(t, p, labels=[1], average="macro", zero_division=0),
     }
 
 
-def classification_report(y_true, y_pred, probs, label_names, names, seed=0, n_resamples=1000):
+def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Support-weighted F1 (scikit-learn's average="weighted") from a bincount confusion matrix:
+    the bootstrap calls it thousands of times, where scikit-learn's checks dominate."""
+    cm = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, -1)
+    tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    denom = support + predicted
+    f1 = np.divide(2 * tp, denom, out=np.zeros(n_classes), where=denom > 0)
+    return float((f1 * support).sum() / support.sum()) if support.sum() else 0.0
+
+
+def avg_f1(y_true, y_pred, groups, n_classes: int) -> float:
+    """Mean over groups (questions) of the support-weighted F1 within each group: FinBen/PIXIU's
+    "Avg F1" of the gold-news headline task."""
+    return float(np.mean([weighted_f1(y_true[groups == g], y_pred[groups == g], n_classes)
+                          for g in np.unique(groups)]))
+
+
+def classification_report(y_true, y_pred, probs, label_names, names, seed=0, n_resamples=1000,
+                          groups=None):
     """{metric: {value, low, high}} for each scalar metric in `names`, plus the confusion matrix
-    and per-class precision/recall/F1."""
+    and per-class precision/recall/F1. `groups`: each item's question, for `avg_f1`."""
     y_true, y_pred, probs = np.asarray(y_true), np.asarray(y_pred), np.asarray(probs)
     fns = scalar_metrics(len(label_names))
     out: dict = {}
+    g = None if groups is None else np.asarray(groups)
+    k = len(label_names)
     for name in names:
-        fn = fns[name]
-        value = float(fn(y_true, y_pred, probs))
-        low, high = bootstrap_ci(lambda idx, fn=fn: fn(y_true[idx], y_pred[idx], probs[idx]),
-                                 len(y_true), seed, n_resamples)
+        if name == "avg_f1":  # each resampled item keeps its group
+            def stat(idx):
+                return avg_f1(y_true[idx], y_pred[idx], g[idx], k)
+        else:
+            def stat(idx, fn=fns[name]):
+                return fn(y_true[idx], y_pred[idx], probs[idx])
+        value = float(stat(np.arange(len(y_true))))
+        low, high = bootstrap_ci(stat, len(y_true), seed, n_resamples)
         out[name] = {"value": value, "low": low, "high": high}
     labels = list(range(len(label_names)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
@@ -71,6 +106,9 @@ def classification_report(y_true, y_pred, probs, label_names, names, seed=0, n_r
         for i in labels
     }
     out["confusion"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    if g is not None:
+        out["per_group"] = {str(q): {"weighted_f1": weighted_f1(y_true[g == q], y_pred[g == q], k),
+                                     "n": int((g == q).sum())} for q in dict.fromkeys(g.tolist())}
     return out
 
 
@@ -139,6 +177,19 @@ def numeric_match(gold: str, pred: str, rel_tol: float = 1e-2) -> float:
     return float(abs(p - g) <= rel_tol * abs(g))
 
 
+def execution_match(gold: str, pred: str, rel_tol: float = 1e-2) -> float:
+    """ConvFinQA-style execution accuracy: when the gold is a number, 1 if the answer's number is
+    within rel_tol of it, or of 100 x it (a ratio answered as a percentage, "14.1%" for 0.141);
+    a gold that is not a number (yes/no) must match after normalisation."""
+    g = parse_number(gold)
+    if g is None:
+        return exact_match(gold, pred)
+    p = parse_number(pred)
+    if p is None:
+        return 0.0
+    return float(any(abs(p - x) <= rel_tol * abs(x) for x in (g, 100 * g)))
+
+
 def rouge_l(golds: Sequence[str], preds: Sequence[str]) -> list[float]:
     """ROUGE-L F-measure per item (rouge-score, Porter stemming on)."""
     from rouge_score import rouge_scorer
@@ -185,6 +236,12 @@ def generation_scores(golds: Sequence[str], preds: Sequence[str], names: Sequenc
             out[name] = rouge_l(golds, preds)
         elif name == "numeric_accuracy":
             out[name] = [numeric_match(g, p, rel_tol) for g, p in zip(golds, preds, strict=True)]
+        elif name == "execution_accuracy":
+            out[name] = [execution_match(g, p, rel_tol) for g, p in zip(golds, preds, strict=True)]
+        elif name == "semantic_similarity":
+            from taxon.evals.semantic import similarities
+
+            out[name] = similarities(golds, preds)
         elif not re.fullmatch(r"bleu_[1-4]", name):
             raise ValueError(f"unknown generation metric '{name}'")
     return out

@@ -7,6 +7,11 @@ Three output types, each with one code path in `evaluate.py`:
   the answer out of the generated text (and out of the reference completion, unless `target`
   gives the gold answer as its own template).
 - `perplexity`: loss and perplexity of the split's texts, in non-overlapping `max_length` windows.
+
+A task renders its items with its card's templates unless it gives its own (`prompt`,
+`completion`; for multiple choice also `choices` and a gold `label` template); `questions` asks
+each row several questions (one item each), `where` leaves rows out. Published scores to compare
+with live in `references.yaml`, not here: they change no number, so no task identity.
 """
 
 from __future__ import annotations
@@ -27,15 +32,12 @@ from taxon.errors import TaxonError
 TASKS_DIR = Path(__file__).with_name("tasks")
 
 
-class Reference(Spec):
-    """A published large-model score to compare against (from shared/reference, with source)."""
+class NerSpec(Spec):
+    """Where a NER task finds its words and gold tags, and which entity types it scores."""
 
-    model: str
-    metric: str
-    shots: int | str
-    value: float
-    source: str
-    note: str = ""
+    tokens: str = "tokens"  # column of words
+    tags: str = "ner_tags"  # column of IO/BIO tags, one per word
+    types: tuple[str, ...] = ("PER", "ORG", "LOC")  # other types count as O
 
 
 Output = Literal["multiple_choice", "generate", "perplexity"]
@@ -43,10 +45,11 @@ Output = Literal["multiple_choice", "generate", "perplexity"]
 # Per output type: (the metrics it can report, its default metrics, its default primary metric).
 # `bleu` stands for bleu_1 .. bleu_4.
 METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
-    "multiple_choice": (("accuracy", "macro_f1", "weighted_f1", "ece"),
+    "multiple_choice": (("accuracy", "macro_f1", "weighted_f1", "ece", "avg_f1", "mcc", "binary_f1"),
                         ("accuracy", "macro_f1", "weighted_f1", "ece"), "macro_f1"),
     "generate": (("exact_match", "token_f1", "rouge_l", "bleu", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
-                  "numeric_accuracy", "pass_at_1"), ("exact_match", "token_f1"), "exact_match"),
+                  "numeric_accuracy", "execution_accuracy", "entity_f1", "semantic_similarity", "pass_at_1"),
+                 ("exact_match", "token_f1"), "exact_match"),
     "perplexity": (("loss", "perplexity"), ("loss", "perplexity"), "perplexity"),
 }
 # Fields that only one output type reads. They are left out of the canonical form of other tasks,
@@ -55,6 +58,10 @@ OUTPUT_FIELDS = {
     "generate": ("max_new_tokens", "stop", "extractor", "target", "rel_tol"),
     "perplexity": ("max_length",),
 }
+# Fields added later, left out of the canonical form while unset, so that adding them changed
+# no task's identity; and fields that change no number (never part of the identity).
+OPTIONAL_FIELDS = ("prompt", "completion", "choices", "label", "questions", "where", "ner")
+NOT_IDENTITY = ("suite",)
 EXTRACTORS = ("first_line", "last_number", "function_body", "regex:<pattern>")
 # Code tasks only (`program` set): left out of other tasks' canonical form, so their keys stay.
 CODE_FIELDS = ("program", "timeout", "memory_mb")
@@ -82,7 +89,21 @@ class TaskSpec(Spec):
     chat: bool | None = None  # None: use the chat template when the model has one
     metrics: tuple[str, ...] = METRICS["multiple_choice"][1]  # default: by output (see METRICS)
     primary: str = "macro_f1"
-    references: tuple[Reference, ...] = ()
+    suite: bool = True  # part of `--tasks all`
+    # The task's own templates (Jinja over the row's columns, plus the question's keys and `row`),
+    # used instead of the card's; None: the card's. `completion` renders a choice (multiple
+    # choice, with `label_name` set) or the reference answer and demonstrations (generate).
+    prompt: str | None = None
+    completion: str | None = None
+    # multiple_choice: label names instead of the card's, and `label`, a template that renders the
+    # gold label's name (for cards without integer labels, e.g. a score binned into classes).
+    choices: tuple[str, ...] | None = None
+    label: str | None = None
+    # Each row is asked every question: a question is a dict of template variables with a `name`
+    # (its group, for `avg_f1`). A row with k questions gives k items.
+    questions: tuple[dict[str, str], ...] | None = None
+    where: str | None = None  # Jinja expression over a row: rows where it is false are left out
+    ner: NerSpec | None = None  # generate + entity_f1: words, gold tags and scored types
     # output: generate
     max_new_tokens: int = Field(256, ge=1)
     stop: tuple[str, ...] = ()  # the generated text is cut at the first of these
@@ -130,6 +151,15 @@ class TaskSpec(Spec):
                              "to execute, with {{ completion }} where the answer goes)")
         if self.primary not in self.all_metrics:
             raise ValueError(f"primary metric '{self.primary}' is not one of metrics {list(self.metrics)}")
+        if "avg_f1" in self.metrics and not self.questions:
+            raise ValueError("metric avg_f1 averages over question groups: give `questions`")
+        if "entity_f1" in self.metrics and self.ner is None:
+            raise ValueError("metric entity_f1 needs `ner` (tokens, tags and types columns)")
+        if self.label is not None and self.choices is None:
+            raise ValueError("`label` renders a label name: give the names as `choices`")
+        for q in self.questions or ():
+            if "name" not in q:
+                raise ValueError(f"question {q} has no `name`")
         return self
 
     @property
@@ -146,6 +176,11 @@ class TaskSpec(Spec):
         if self.program is None:
             for f in CODE_FIELDS:
                 data.pop(f)
+        for f in OPTIONAL_FIELDS:
+            if data[f] is None:
+                data.pop(f)
+        for f in NOT_IDENTITY:
+            data.pop(f)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
@@ -163,6 +198,11 @@ def all_tasks() -> list[TaskSpec]:
     return list(_registry().values())
 
 
+def suite() -> list[TaskSpec]:
+    """What `--tasks all` runs: every built-in task not marked `suite: false`."""
+    return [t for t in all_tasks() if t.suite]
+
+
 def get_task(name: str) -> TaskSpec:
     if name not in _registry():
         raise TaxonError(
@@ -175,7 +215,7 @@ def parse_task_list(tasks: str | list[str] | tuple[str, ...]) -> list[TaskSpec]:
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
-        return all_tasks()
+        return suite()
     if not names:
         raise TaxonError("no eval tasks given; pass --tasks fpb,tfns (or all)")
     return [get_task(n) for n in names]
@@ -185,3 +225,17 @@ def held_out_splits(dataset: str) -> set[str]:
     """Splits of `dataset` that some eval task scores on: training must never read them."""
     card_id = get_card(dataset).id
     return {t.split for t in all_tasks() if get_card(t.dataset).id == card_id}
+
+
+def missing_data(task: TaskSpec) -> str | None:
+    """Why the test split of `task` cannot be loaded now (no mirror file, Hub unreachable), or
+    None when it can. Only looks for the file; `load_rows` still reports a broken one."""
+    from taxon import hub
+    from taxon.data.sources import mirror_file
+
+    card = get_card(task.dataset).for_config(task.config)
+    split = card.carve.source if card.carve and task.split in (card.carve.train, card.carve.test) \
+        else task.split
+    if mirror_file(card, card.config, split) is not None or hub.reachable():
+        return None
+    return f"no {card.id}/{card.config}/{split} in the mirror and the Hub is unreachable"

@@ -1,5 +1,6 @@
-"""Results tables from the store: each score with its 95% bootstrap interval and, where a
-published large-model score exists, the percentage of it that the small model reaches.
+"""Results tables from the store: each score with its 95% bootstrap interval and, where GPT-4 has a
+published score on the task and metric (evals/references.yaml), the percentage of it that the
+small model reaches.
 
 One table per output type present (multiple choice, generation, perplexity), one row per
 (experiment, task); a table's metric columns are the metrics its tasks report, so each task shows
@@ -8,6 +9,7 @@ its own metrics and a task without a metric shows '-'.
 
 from __future__ import annotations
 
+from taxon.evals import references
 from taxon.evals.tasks import get_task
 from taxon.study.store import Store
 
@@ -53,7 +55,7 @@ def results_table(store: Store, study: str | None = None) -> str:
         for _, r, _ in rows[output]:
             columns += [c for c in _scalars(r["metrics"]) if c not in columns]
         extra = ["tokens"] if output == "perplexity" else []
-        head = ["experiment", "task", "n", *extra, *columns, "large-model reference", "% of reference"]
+        head = ["experiment", "task", "n", *extra, *columns, "GPT-4 reference", "% of GPT-4"]
         if len(present) > 1:
             lines += [f"**{SECTIONS[output]}**", ""]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -61,12 +63,13 @@ def results_table(store: Store, study: str | None = None) -> str:
             m = r["metrics"]
             precisions.add(m.get("settings", {}).get("precision", "fp32"))
             ref_cell, pct = "-", "-"
-            if task.references:
-                ref = task.references[0]
-                ref_cell = f"{ref.model} {ref.metric} {ref.value:.3f}"
-                if ref.metric in m:
-                    pct = f"{100 * m[ref.metric]['value'] / ref.value:.0f}%"
-                notes[task.name] = f"{ref.model} on {task.name}: {ref.source}"
+            ref = references.target(task.name, m, r["shots"])
+            if ref is not None:
+                shots_note = f"{ref.shots}-shot" if isinstance(ref.shots, int) else f"shots {ref.shots}"
+                ref_cell = f"{ref.model} {ref.metric} {ref.value:.3f} ({shots_note})"
+                pct = f"{100 * m[ref.metric]['value'] / ref.value:.0f}%"
+                notes[f"{task.name}/{ref.metric}/{ref.shots}"] = (
+                    f"{ref.model} on {task.name}: {ref.source}" + (f" ({ref.note})" if ref.note else ""))
             n = f"{r['n']}" + (f" of {r['n_total']}" if r["n"] < r["n_total"] else "")
             shots = f" ({r['shots']}-shot)" if r["shots"] else ""
             tokens = [f"{m.get('tokens', 0):,}"] if extra else []

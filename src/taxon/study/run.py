@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 
 from taxon.config import EvalSpec, StudySpec
-from taxon.evals.tasks import get_task, parse_task_list
+from taxon.evals.tasks import get_task, missing_data, parse_task_list
 from taxon.models import STAGE_META
 from taxon.study import tracking
 from taxon.study.environment import environment
@@ -128,19 +128,37 @@ class EvalJob:
             resources["trainable_params"] = ctx.figures[self.last_stage].get("trainable_params")
         ctx.store.add_result(self.model_key, self.eval_key, result, resources, ctx.run_id)
         primary = get_task(self.task).primary
-        m = result.metrics[primary]
+        m, eff = result.metrics[primary], result.metrics["efficiency"]
         ctx.console.print(f"  {', '.join(self.experiments)} / {self.task}: "
                           f"{primary} {m['value']:.3f} [{m['low']:.3f}, "
-                          f"{m['high']:.3f}] on {result.n} items ({result.seconds:.0f} s)")
+                          f"{m['high']:.3f}] on {result.n} items ({result.seconds:.0f} s, "
+                          f"{eff['tokens_per_s']:.0f} tokens/s, peak {eff['peak_memory_mb']:.0f} MB)")
         if ctx.report_to:
             tracking.log_eval(ctx.report_to, ctx.study, list(self.experiments), self.model_key,
                               self.task, result.metrics, resources)
 
 
-def build_jobs(study: StudySpec, experiments: list[PlannedExperiment]) -> dict:
+def runnable_tasks(spec: EvalSpec, console: Console | None = None) -> list:
+    """The tasks of `spec`. `all` is the suite minus tasks whose data cannot be loaded here (each
+    skip is printed); tasks named one by one must all load."""
+    tasks = parse_task_list(spec.tasks)
+    if list(spec.tasks) != ["all"]:
+        return tasks
+    out = []
+    for task in tasks:
+        reason = missing_data(task)
+        if reason and console is not None:
+            console.print(f"[yellow]skip {task.name}[/yellow]: {reason}")
+        if not reason:
+            out.append(task)
+    return out
+
+
+def build_jobs(study: StudySpec, experiments: list[PlannedExperiment],
+               console: Console | None = None) -> dict:
     """Every job of the study, keyed, in the order a sequential run does them: experiment by
     experiment, stages first, then its evaluations."""
-    tasks = parse_task_list(study.eval.tasks)
+    tasks = runnable_tasks(study.eval, console)
     jobs: dict = {}
     for exp in experiments:
         base = exp.model
@@ -214,7 +232,7 @@ def run_study(study: StudySpec, store: Store, console: Console | None = None, ex
     console.print(f"study [bold]{study.name}[/bold]: {len(experiments)} experiments, "
                   f"{len(unique_stages(experiments))} stages to train or reuse "
                   f"({n_stage_refs} without sharing); executor {executor.name}")
-    jobs = build_jobs(study, experiments)
+    jobs = build_jobs(study, experiments, console)
     ctx = _Ctx(study.name, store, console, uuid.uuid4().hex[:16], study.eval, tuple(report_to),
                launcher)
     store.start_run(ctx.run_id, study.name, executor.name, environment())
@@ -250,7 +268,7 @@ def evaluate_model(location: str, model_key: str, spec: EvalSpec, store: Store,
                    console: Console) -> None:
     """Evaluate one model on every task of `spec` that the store does not hold yet."""
     jobs = {}
-    for task in parse_task_list(spec.tasks):
+    for task in runnable_tasks(spec, console):
         job = EvalJob(model_key, location, task.name, eval_key(task, spec), (location,), None, ())
         jobs[job.key] = job
     ctx = _Ctx("eval", store, console, uuid.uuid4().hex[:16], spec, ())

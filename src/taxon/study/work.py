@@ -7,8 +7,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from taxon.config import EvalSpec, StageSpec
 from taxon.models import load_model
 
@@ -34,51 +32,27 @@ def train_job(spec: StageSpec, base: str, out: str, desc: str, report_to: tuple[
         tracking.close_training_runs(report_to)
 
 
-class _TokenCounter:
-    """Counts tokens that pass through the model's forward: non-padding positions when the mask
-    matches the input, every input position otherwise (generation steps with a KV cache)."""
-
-    def __init__(self, model):
-        self.tokens = 0
-        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
-        if ids is not None:
-            same = mask is not None and mask.shape == ids.shape
-            self.tokens += int(mask.sum()) if same else ids.numel()
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
 def evaluate_job(location: str, task_name: str, spec: EvalSpec) -> tuple:
     """Evaluate the model at `location` on one task; (TaskResult, resources)."""
     global _loaded
     from taxon.evals.evaluate import evaluate_task
     from taxon.evals.tasks import get_task
-    from taxon.train import peak_memory_mb, use_bf16
+    from taxon.train import use_bf16
 
     t0 = time.time()
     if _loaded is None or _loaded[0] != location:
         _loaded = None  # free the previous model before loading the next
         _loaded = (location, *load_model(location))
     _, model, tokenizer = _loaded
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    counter = _TokenCounter(model)
-    try:
-        result = evaluate_task(model, tokenizer, get_task(task_name), shots=spec.shots,
-                               limit=spec.limit, seed=spec.seed, batch_size=spec.batch_size,
-                               bf16=use_bf16(spec.precision))
-    finally:
-        counter.remove()
+    result = evaluate_task(model, tokenizer, get_task(task_name), shots=spec.shots,
+                           limit=spec.limit, seed=spec.seed, batch_size=spec.batch_size,
+                           bf16=use_bf16(spec.precision))
+    eff = result.metrics["efficiency"]  # measured by evaluate_task over the task alone
     resources = {
         "wall_seconds": time.time() - t0,
-        "tokens": counter.tokens,
-        "peak_memory_mb": peak_memory_mb(),
-        "total_params": sum(p.numel() for p in model.parameters()),  # type: ignore[attr-defined]
+        "tokens": eff["tokens"],
+        "peak_memory_mb": eff["peak_memory_mb"],
+        "total_params": eff["total_params"],
         "trainable_params": None,  # set by the driver from the last stage's figures
     }
     return result, resources
