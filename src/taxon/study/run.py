@@ -132,7 +132,7 @@ class EvalJob:
         ctx.console.print(f"  {', '.join(self.experiments)} / {self.task}: "
                           f"{primary} {m['value']:.3f} [{m['low']:.3f}, "
                           f"{m['high']:.3f}] on {result.n} items ({result.seconds:.0f} s, "
-                          f"{eff['tokens_per_s']:.0f} tokens/s, peak {eff['peak_memory_mb']:.0f} MB)")
+                          f"{eff['tokens_per_s'] or 0:.0f} tokens/s, peak {eff['peak_memory_mb']:.0f} MB)")
         if ctx.report_to:
             tracking.log_eval(ctx.report_to, ctx.study, list(self.experiments), self.model_key,
                               self.task, result.metrics, resources)
