@@ -90,16 +90,7 @@ def runs(merged_data_dir, tmp_path_factory):
     return out
 
 
-def _imdb_task_exists() -> bool:
-    from taxon.evals.tasks import all_tasks
-
-    return any(t.name == "imdb" for t in all_tasks())
-
-
-PARAMS = [pytest.param(i, id=f"cmd{i + 1}") for i in range(10)] + [pytest.param(
-    10, id="cmd11-imdb", marks=pytest.mark.xfail(
-        not _imdb_task_exists(), strict=True,
-        reason="the imdb eval task lands with the eval-tasks branch; after that merge this passes"))]
+PARAMS = [pytest.param(i, id=f"cmd{i + 1}") for i in range(10)] + [pytest.param(10, id="cmd11-imdb")]
 
 
 @pytest.mark.parametrize("i", PARAMS)

@@ -21,10 +21,6 @@ from taxon.study.plan import plan, unique_stages
 from taxon.study.recipes import all_recipes, expand
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-MIXED_SUPPORTED = "mixed" in str(StageSpec.model_fields["objective"].annotation)
-needs_mixed = pytest.mark.xfail(
-    not MIXED_SUPPORTED, strict=True,
-    reason="`objective: mixed` comes with the pipelines branch; the thesis example uses it")
 
 
 def taxon(*args, env=None):
@@ -55,12 +51,10 @@ def test_every_named_recipe_expands():
     assert [s["objective"] for s in stages["sequential"]] == ["pretrain", "pretrain", "sft"]
     assert [s["steps"] for s in stages["curriculum"]] == [30, 70]
     assert [d["rate"] for d in stages["multi_task"][0]["data"]] == [0.6, 0.4]
-    mixed = stages.pop("mixed_objective")[0]
+    mixed = stages["mixed_objective"][0]
     assert mixed["objective"] == "mixed"
     assert [(d["dataset"], d["as"], d["rate"]) for d in mixed["data"]] == [
         ("LLukas22/fiqa", "text", 0.3), ("takala/financial_phrasebank", "pair", 0.7)]
-    if MIXED_SUPPORTED:
-        stages["mixed_objective"] = [mixed]
     for chain in stages.values():
         for s in chain:
             StageSpec.model_validate(s)
@@ -147,7 +141,6 @@ def test_seed_plan_has_the_72_experiments_and_saves_over_40_percent():
     assert c.ratio <= 0.6, c
 
 
-@needs_mixed
 def test_thesis_taxonomy_expands():
     study = load_study(EXAMPLES / "thesis_taxonomy.yaml")
     models = {e.model for e in study.experiments}
@@ -207,7 +200,7 @@ def test_taxon_models_stage_meta_name_matches():
 
 
 @pytest.mark.parametrize("example", ["seed_qwen2_72", "domain_replay",
-                                     pytest.param("thesis_taxonomy", marks=needs_mixed)])
+                                     "thesis_taxonomy"])
 def test_study_plan_cli_on_examples(example, tmp_path):
     t0 = time.time()
     r = taxon("study", "plan", str(EXAMPLES / f"{example}.yaml"), "--gpu", "a100",
