@@ -135,11 +135,13 @@ def test_runs_share_each_subjects_prefix():
     assert sorted(len(r) for r in with_prefix) == [7, 7, 8]
     assert sum(len(r) for r in runs) == len({tuple(c) for c, _ in reqs})
     for run in with_prefix:
-        # The run's prefix is its contexts' whole common prefix, and leaves a token to each.
-        p = run[0].prefix
-        assert all(c.ids[:p] == run[0].ids[:p] for c in run)
-        assert len({c.ids[p] for c in run if len(c.ids) > p}) > 1 or len(run) == 1
-        assert all(len(c.ids) > p for c in run)
+        # The run's prefix is its contexts' whole common prefix, less any token that would leave
+        # the shortest context nothing of its own to encode.
+        common = 0
+        while all(len(c.ids) > common and c.ids[common] == run[0].ids[common] for c in run):
+            common += 1
+        assert run[0].prefix == min(common, min(len(c.ids) for c in run) - 1) >= 20
+        assert all(c.prefix == run[0].prefix for c in run)
 
 
 class TokenCounter:
