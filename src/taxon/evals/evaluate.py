@@ -12,6 +12,7 @@ from taxon.data import render
 from taxon.data.cards import get_card
 from taxon.data.mixture import encode_pair
 from taxon.data.sources import load_rows
+from taxon.evals import subsets
 from taxon.evals.generation import extract, generate
 from taxon.evals.metrics import classification_report, generation_report, generation_scores, perplexity_report
 from taxon.evals.scoring import loglikelihoods
@@ -34,10 +35,11 @@ class TaskResult:
     seconds: float = 0.0
 
 
-def _demos(pool, card, rng, k: int, exclude: str) -> list[tuple[str, str]]:
-    """k demonstrations drawn with the seed from the few-shot split (never the test split)."""
+def _demos(pool, card, rng, k: int, exclude: str, sampler: str = "random") -> list[tuple[str, str]]:
+    """k demonstrations from the few-shot split (never the test split): drawn with the seed, or
+    its first rows in order (`first_n`)."""
     picks = []
-    for i in rng.permutation(len(pool)):
+    for i in (rng.permutation(len(pool)) if sampler == "random" else range(len(pool))):
         p, c = render.as_pair(card, pool[int(i)])
         if p != exclude:
             picks.append((p, c))
@@ -65,6 +67,9 @@ def evaluate_task(
 
 def _items(task: TaskSpec, limit: int | None, seed: int):
     """The split's rows, each with its index `_idx`, subsampled with the seed; and the split size."""
+    if subsets.has_subsets(task):
+        rows, n_total, _ = subsets.items(task, limit, seed)
+        return rows, n_total
     rows = load_rows(task.dataset, task.config, task.split)
     n_total = len(rows)
     rows = rows.add_column("_idx", list(range(n_total)))
@@ -75,14 +80,20 @@ def _items(task: TaskSpec, limit: int | None, seed: int):
 
 def _contexts(tokenizer, task: TaskSpec, rows, shots: int, seed: int):
     """Each row's prompt, demonstrations and chat formatting applied; whether chat was used."""
-    card = get_card(task.dataset).for_config(task.config)
     chat = render.uses_chat(tokenizer, task.chat)
-    pool = load_rows(task.dataset, task.config, task.fewshot_split) if shots else None
     rng = np.random.default_rng(seed)
-    out = []
+    out, pools = [], {}
     for row in rows:
+        card = subsets.item_card(task, row)
         prompt, _ = render.as_pair(card, row)
-        demos = _demos(pool, card, rng, shots, prompt) if shots else []
+        pool = subsets.fewshot_pool(task, row, pools) if shots else None
+        demos = _demos(pool, card, rng, shots, prompt, task.fewshot_sampler) if shots else []
+        if task.header:  # e.g. MMLU's "The following are ... about {subject}." once, before all
+            header = render.render(card, task.header, row)
+            if demos:
+                demos[0] = (header + demos[0][0], demos[0][1])
+            else:
+                prompt = header + prompt
         out.append(render.format_prompt(tokenizer, prompt, chat, demos))
     return out, chat
 
@@ -90,30 +101,46 @@ def _contexts(tokenizer, task: TaskSpec, rows, shots: int, seed: int):
 def _multiple_choice(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_size,
                      bf16) -> TaskResult:
     card = get_card(task.dataset).for_config(task.config)
-    rows, n_total = _items(task, limit, seed)
+    if subsets.has_subsets(task):
+        rows, n_total, layout = subsets.items(task, limit, seed)
+    else:
+        (rows, n_total), layout = _items(task, limit, seed), None
     contexts, chat = _contexts(tokenizer, task, rows, shots, seed)
     n_labels = len(card.labels or ())
-    requests, golds, idxs = [], [], []
+    requests, golds, idxs, slots = [], [], [], []
     for row, context in zip(rows, contexts, strict=True):
-        for label in range(n_labels):
+        # A row with fewer options than labels (MMLU-Pro) scores only the letters it has.
+        n_row = min(n_labels, len(row[task.choices])) if task.choices else n_labels
+        for label in range(n_row):
             choice = render.render(card, card.templates.completion, {**row, card.label_field: label})
             ctx_ids, cont_ids = encode_pair(
                 tokenizer, context, render.format_completion(tokenizer, choice, chat, end=False)
             )
             requests.append((ctx_ids, cont_ids))
+            slots.append((len(golds), label))
         golds.append(row[card.label_field])
         idxs.append(row["_idx"])
     scores = loglikelihoods(
         model, requests, tokenizer.pad_token_id, batch_size=batch_size, bf16=bf16, desc=task.name
     )
-    ll = np.array(scores).reshape(len(golds), n_labels)
+    ll = np.full((len(golds), n_labels), -np.inf)
+    for (item, label), score in zip(slots, scores, strict=True):
+        ll[item, label] = score
     probs = np.exp(ll - ll.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     preds = ll.argmax(axis=1)
-    metrics = classification_report(golds, preds, probs, list(card.labels), task.metrics, seed=seed)
+    pooled = [m for m in task.metrics if m != "macro_accuracy"]
+    metrics = classification_report(golds, preds, probs, list(card.labels), pooled, seed=seed)
     metrics["settings"] = {"chat": chat}
+    if layout is not None:
+        per, macro = subsets.report([r[subsets.SUBSET] for r in rows], preds == np.array(golds), seed)
+        metrics["subsets"] = per
+        if "macro_accuracy" in task.metrics:
+            metrics["macro_accuracy"] = macro
+        metrics["settings"]["subsets"] = layout
     predictions = [
-        {"idx": int(i), "gold": int(g), "pred": int(p), "scores": [float(x) for x in s]}
+        {"idx": int(i), "gold": int(g), "pred": int(p),
+         "scores": [float(x) if np.isfinite(x) else None for x in s]}
         for i, g, p, s in zip(idxs, golds, preds, ll, strict=True)
     ]
     return TaskResult(task.name, len(golds), n_total, shots, metrics, predictions)

@@ -43,7 +43,7 @@ Output = Literal["multiple_choice", "generate", "perplexity"]
 # Per output type: (the metrics it can report, its default metrics, its default primary metric).
 # `bleu` stands for bleu_1 .. bleu_4.
 METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
-    "multiple_choice": (("accuracy", "macro_f1", "weighted_f1", "ece"),
+    "multiple_choice": (("accuracy", "macro_f1", "weighted_f1", "ece", "macro_accuracy"),
                         ("accuracy", "macro_f1", "weighted_f1", "ece"), "macro_f1"),
     "generate": (("exact_match", "token_f1", "rouge_l", "bleu", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
                   "numeric_accuracy"), ("exact_match", "token_f1"), "exact_match"),
@@ -56,6 +56,9 @@ OUTPUT_FIELDS = {
     "perplexity": ("max_length",),
 }
 EXTRACTORS = ("first_line", "last_number", "regex:<pattern>")
+# Fields added after tasks were first stored: left out of the canonical form while at their
+# default, so the identity of a task that does not use them stays what it was.
+LATER_FIELDS = ("configs", "group_by", "header", "fewshot_sampler", "choices")
 
 
 def expand_metrics(names) -> tuple[str, ...]:
@@ -81,6 +84,17 @@ class TaskSpec(Spec):
     metrics: tuple[str, ...] = METRICS["multiple_choice"][1]  # default: by output (see METRICS)
     primary: str = "macro_f1"
     references: tuple[Reference, ...] = ()
+    # Several subsets scored as one task, each reported on its own and macro-averaged
+    # (`macro_accuracy`); `accuracy` etc. pool all items. With subsets, `limit` is per subset.
+    configs: Literal["all"] | tuple[str, ...] | None = None  # these configs of the card; "all":
+    # every config except a union config named "all" (MMLU's 57 subjects)
+    group_by: str | None = None  # or: subsets by this column's value (MMLU-Pro's category)
+    header: str | None = None  # Jinja template, rendered with the item, once before demonstrations
+    # first_n: the few-shot split's first rows in order, the same for every item (of a subset),
+    # as lm-evaluation-harness does for MMLU; random: drawn per item with the seed.
+    fewshot_sampler: Literal["random", "first_n"] = "random"
+    choices: str | None = None  # multiple_choice: a column whose length is the item's number of
+    # choices (MMLU-Pro has up to ten); None: every label is a choice
     # output: generate
     max_new_tokens: int = Field(256, ge=1)
     stop: tuple[str, ...] = ()  # the generated text is cut at the first of these
@@ -120,6 +134,10 @@ class TaskSpec(Spec):
                              f"choose from: {', '.join(known)}")
         if self.primary not in self.all_metrics:
             raise ValueError(f"primary metric '{self.primary}' is not one of metrics {list(self.metrics)}")
+        if "macro_accuracy" in self.metrics and not (self.configs or self.group_by):
+            raise ValueError("metric macro_accuracy needs subsets: set configs or group_by")
+        if self.configs and self.config:
+            raise ValueError("give either config or configs, not both")
         return self
 
     @property
@@ -133,6 +151,9 @@ class TaskSpec(Spec):
             if output != self.output:
                 for f in fields:
                     data.pop(f)
+        for f in LATER_FIELDS:
+            if getattr(self, f) == type(self).model_fields[f].default:
+                data.pop(f)
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
