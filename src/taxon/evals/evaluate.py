@@ -98,8 +98,10 @@ def _contexts(tokenizer, task: TaskSpec, rows, shots: int, seed: int):
     return out, chat
 
 
-def _multiple_choice(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_size,
-                     bf16) -> TaskResult:
+def multiple_choice_items(tokenizer, task: TaskSpec, *, shots: int, limit: int | None, seed: int):
+    """The items as the scorer sees them: each one's index, context, choice texts (each as the
+    model would continue the context), gold label and subset; with the split size, the subsets'
+    layout (None without subsets) and whether the chat template was used."""
     card = get_card(task.dataset).for_config(task.config)
     if subsets.has_subsets(task):
         rows, n_total, layout = subsets.items(task, limit, seed)
@@ -107,25 +109,37 @@ def _multiple_choice(model, tokenizer, task: TaskSpec, *, shots, limit, seed, ba
         (rows, n_total), layout = _items(task, limit, seed), None
     contexts, chat = _contexts(tokenizer, task, rows, shots, seed)
     n_labels = len(card.labels or ())
-    requests, golds, idxs, slots = [], [], [], []
+    items = []
     for row, context in zip(rows, contexts, strict=True):
         # A row with fewer options than labels (MMLU-Pro) scores only the letters it has.
         n_row = min(n_labels, len(row[task.choices])) if task.choices else n_labels
-        for label in range(n_row):
-            choice = render.render(card, card.templates.completion, {**row, card.label_field: label})
-            ctx_ids, cont_ids = encode_pair(
-                tokenizer, context, render.format_completion(tokenizer, choice, chat, end=False)
-            )
-            requests.append((ctx_ids, cont_ids))
-            slots.append((len(golds), label))
-        golds.append(row[card.label_field])
-        idxs.append(row["_idx"])
+        choices = [
+            render.format_completion(
+                tokenizer, render.render(card, card.templates.completion, {**row, card.label_field: label}),
+                chat, end=False)
+            for label in range(n_row)
+        ]
+        items.append({"idx": int(row["_idx"]), "context": context, "choices": choices,
+                      "gold": int(row[card.label_field]), "subset": row.get(subsets.SUBSET)})
+    return items, n_total, layout, chat
+
+
+def _multiple_choice(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_size,
+                     bf16) -> TaskResult:
+    card = get_card(task.dataset).for_config(task.config)
+    items, n_total, layout, chat = multiple_choice_items(tokenizer, task, shots=shots, limit=limit, seed=seed)
+    requests, slots = [], []
+    for j, item in enumerate(items):
+        for label, choice in enumerate(item["choices"]):
+            requests.append(encode_pair(tokenizer, item["context"], choice))
+            slots.append((j, label))
     scores = loglikelihoods(
         model, requests, tokenizer.pad_token_id, batch_size=batch_size, bf16=bf16, desc=task.name
     )
-    ll = np.full((len(golds), n_labels), -np.inf)
-    for (item, label), score in zip(slots, scores, strict=True):
-        ll[item, label] = score
+    ll = np.full((len(items), len(card.labels or ())), -np.inf)
+    for (j, label), score in zip(slots, scores, strict=True):
+        ll[j, label] = score
+    golds = [item["gold"] for item in items]
     probs = np.exp(ll - ll.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     preds = ll.argmax(axis=1)
@@ -133,15 +147,15 @@ def _multiple_choice(model, tokenizer, task: TaskSpec, *, shots, limit, seed, ba
     metrics = classification_report(golds, preds, probs, list(card.labels), pooled, seed=seed)
     metrics["settings"] = {"chat": chat}
     if layout is not None:
-        per, macro = subsets.report([r[subsets.SUBSET] for r in rows], preds == np.array(golds), seed)
+        per, macro = subsets.report([item["subset"] for item in items], preds == np.array(golds), seed)
         metrics["subsets"] = per
         if "macro_accuracy" in task.metrics:
             metrics["macro_accuracy"] = macro
         metrics["settings"]["subsets"] = layout
     predictions = [
-        {"idx": int(i), "gold": int(g), "pred": int(p),
+        {"idx": item["idx"], "gold": int(g), "pred": int(p),
          "scores": [float(x) if np.isfinite(x) else None for x in s]}
-        for i, g, p, s in zip(idxs, golds, preds, ll, strict=True)
+        for item, g, p, s in zip(items, golds, preds, ll, strict=True)
     ]
     return TaskResult(task.name, len(golds), n_total, shots, metrics, predictions)
 
