@@ -116,11 +116,11 @@ def random_reqs(tiny_model):
     return reqs, [reference_loglikelihood(model, c, x) for c, x in reqs]
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_prefix_and_choice_caches_match_plain_forward(tiny_model, random_reqs, batch_size):
+@pytest.mark.parametrize(("batch_size", "pad"), [(1, None), (3, None), (16, None), (5, 0)])
+def test_prefix_and_choice_caches_match_plain_forward(tiny_model, random_reqs, batch_size, pad):
     model, tok = tiny_model
     reqs, expected = random_reqs
-    got = loglikelihoods(model, reqs, tok.pad_token_id, batch_size=batch_size)
+    got = loglikelihoods(model, reqs, tok.pad_token_id if pad is None else pad, batch_size=batch_size)
     worst = max(abs(g - e) for g, e in zip(got, expected, strict=True))
     assert worst < 1e-4, worst
 
