@@ -12,7 +12,7 @@ from taxon.data import render
 from taxon.data.cards import get_card
 from taxon.data.mixture import encode_pair
 from taxon.data.sources import load_rows
-from taxon.evals import efficiency, execution, items, ner
+from taxon.evals import efficiency, execution, items, ner, subsets
 from taxon.evals.generation import extract, generate, prompt_budget
 from taxon.evals.metrics import classification_report, generation_report, generation_scores, perplexity_report
 from taxon.evals.scoring import loglikelihoods
@@ -36,10 +36,12 @@ class TaskResult:
 
 
 def _demos(task, pool, card, rng, k: int, exclude: str, question: dict | None) -> list[tuple[str, str]]:
-    """k demonstrations drawn with the seed from the few-shot split (never the test split), each
-    asked the same question as the item."""
+    """k demonstrations from the few-shot split (never the test split), each asked the same
+    question as the item: drawn with the seed, or the split's first rows in order (`first_n`,
+    as lm-evaluation-harness does for MMLU)."""
     picks = []
-    for i in rng.permutation(len(pool)):
+    order = rng.permutation(len(pool)) if task.fewshot_sampler == "random" else range(len(pool))
+    for i in order:
         p, c = items.demo_pair(task, card, items.variables(pool[int(i)], question))
         if p != exclude:
             picks.append((p, c))
@@ -78,8 +80,12 @@ def evaluate_task(
 
 def _items(task: TaskSpec, limit: int | None, seed: int):
     """The test items: the split's rows (each with its index `_idx`; those failing the task's
-    `where` left out), subsampled with the seed, each row asked every question; and how many
-    items the whole split gives."""
+    `where` left out), subsampled with the seed, each row asked every question; how many items
+    the whole split gives; and the subsets' layout (None for a task without subsets)."""
+    k = len(task.questions or (None,))
+    if subsets.has_subsets(task):
+        rows, n_total, layout = subsets.items(task, limit, seed)
+        return items.expand(task, rows), n_total * k, layout
     card = get_card(task.dataset).for_config(task.config)
     rows = load_rows(task.dataset, task.config, task.split)
     rows = rows.add_column("_idx", list(range(len(rows))))
@@ -88,63 +94,93 @@ def _items(task: TaskSpec, limit: int | None, seed: int):
     n_rows = len(rows)
     if limit is not None and limit < n_rows:
         rows = rows.shuffle(seed=seed).select(range(limit))
-    return items.expand(task, rows), n_rows * len(task.questions or (None,))
+    return items.expand(task, rows), n_rows * k, None
 
 
 def _contexts(tokenizer, task: TaskSpec, its: list[items.Item], shots: int, seed: int):
-    """Each item's prompt, demonstrations and chat formatting applied; whether chat was used."""
-    card = get_card(task.dataset).for_config(task.config)
+    """Each item's prompt, demonstrations (from its own subset) and chat formatting applied; and
+    whether chat was used."""
     chat = render.uses_chat(tokenizer, task.chat)
-    pool = None
-    if shots:
-        pool = load_rows(task.dataset, task.config, task.fewshot_split)
-        if task.where:
-            pool = pool.filter(lambda r: render.holds(card, task.where, r))
     rng = np.random.default_rng(seed)
     questions = {q["name"]: q for q in task.questions or ()}
-    out = []
+    out, pools = [], {}
     for it in its:
+        card = subsets.item_card(task, it.row)
         prompt, _ = items.demo_pair(task, card, it.vars)
-        demos = _demos(task, pool, card, rng, shots, prompt, questions.get(it.group)) if shots else []
+        demos = []
+        if shots:
+            pool = subsets.fewshot_pool(task, it.row, pools)
+            demos = _demos(task, pool, card, rng, shots, prompt, questions.get(it.group))
+        if task.header:  # e.g. MMLU's "The following are ... about {subject}." once, before all
+            header = render.render(card, task.header, it.vars)
+            if demos:
+                demos[0] = (header + demos[0][0], demos[0][1])
+            else:
+                prompt = header + prompt
         out.append(render.format_prompt(tokenizer, prompt, chat, demos))
     return out, chat
 
 
+def multiple_choice_items(tokenizer, task: TaskSpec, *, shots: int, limit: int | None, seed: int):
+    """The items as the scorer sees them: each one's index, context, choice texts (each as the
+    model would continue the context), gold label, subset and question group; with the split
+    size, the subsets' layout (None without subsets) and whether the chat template was used."""
+    its, n_total, layout = _items(task, limit, seed)
+    contexts, chat = _contexts(tokenizer, task, its, shots, seed)
+    out = []
+    for it, context in zip(its, contexts, strict=True):
+        card = subsets.item_card(task, it.row)
+        n = len(items.choices(task, card))
+        if task.choices_column:  # a row with fewer options than labels (MMLU-Pro) scores only its own
+            n = min(n, len(it.row[task.choices_column]))
+        choices = [render.format_completion(tokenizer, items.choice_text(task, card, it.vars, label),
+                                            chat, end=False) for label in range(n)]
+        out.append({"idx": it.idx, "context": context, "choices": choices,
+                    "gold": items.gold_index(task, card, it.vars), "subset": it.row.get(subsets.SUBSET),
+                    "group": it.group})
+    return out, n_total, layout, chat
+
+
 def _multiple_choice(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_size,
                      bf16) -> TaskResult:
-    card = get_card(task.dataset).for_config(task.config)
-    its, n_total = _items(task, limit, seed)
-    contexts, chat = _contexts(tokenizer, task, its, shots, seed)
-    names = items.choices(task, card)
-    n_labels = len(names)
-    requests, golds, truncated, tokens = [], [], 0, 0
-    for it, context in zip(its, contexts, strict=True):
-        pairs = [encode_pair(tokenizer, context, render.format_completion(
-            tokenizer, items.choice_text(task, card, it.vars, label), chat, end=False))
-            for label in range(n_labels)]
+    names = items.choices(task, get_card(task.dataset).for_config(task.config))
+    its, n_total, layout, chat = multiple_choice_items(tokenizer, task, shots=shots, limit=limit, seed=seed)
+    requests, slots, truncated, tokens = [], [], 0, 0
+    for j, item in enumerate(its):
+        pairs = [encode_pair(tokenizer, item["context"], choice) for choice in item["choices"]]
         # A context longer than the model's window loses its oldest tokens, as in generation.
         budget = prompt_budget(model, max(len(c) for _, c in pairs))
         if budget is not None and len(pairs[0][0]) > budget:
             pairs, truncated = [(ctx[-budget:], c) for ctx, c in pairs], truncated + 1
         tokens += len(pairs[0][0]) + sum(len(c) for _, c in pairs)
         requests += pairs
-        golds.append(items.gold_index(task, card, it.vars))
+        slots += [(j, label) for label in range(len(pairs))]
     scores = loglikelihoods(
         model, requests, tokenizer.pad_token_id, batch_size=batch_size, bf16=bf16, desc=task.name
     )
-    ll = np.array(scores).reshape(len(golds), n_labels)
+    ll = np.full((len(its), len(names)), -np.inf)  # -inf: a choice the item does not have
+    for (j, label), score in zip(slots, scores, strict=True):
+        ll[j, label] = score
+    golds = [item["gold"] for item in its]
     probs = np.exp(ll - ll.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     preds = ll.argmax(axis=1)
-    groups = [it.group for it in its] if task.questions else None
-    metrics = classification_report(golds, preds, probs, list(names), task.metrics, seed=seed,
-                                    groups=groups)
+    groups = [item["group"] for item in its] if task.questions else None
+    pooled = [m for m in task.metrics if m != "macro_accuracy"]
+    metrics = classification_report(golds, preds, probs, list(names), pooled, seed=seed, groups=groups)
     metrics["settings"] = {"chat": chat, "truncated_prompts": truncated}
     # tokens: each item's context once plus every choice's continuation
     metrics["efficiency"] = {"tokens": tokens}
+    if layout is not None:
+        per, macro = subsets.report([item["subset"] for item in its], preds == np.array(golds), seed)
+        metrics["subsets"] = per
+        if "macro_accuracy" in task.metrics:
+            metrics["macro_accuracy"] = macro
+        metrics["settings"]["subsets"] = layout
     predictions = [
-        {"idx": it.idx, "gold": int(g), "pred": int(p), "scores": [float(x) for x in s]}
-        for it, g, p, s in zip(its, golds, preds, ll, strict=True)
+        {"idx": item["idx"], "gold": int(g), "pred": int(p),
+         "scores": [float(x) if np.isfinite(x) else None for x in s]}
+        for item, g, p, s in zip(its, golds, preds, ll, strict=True)
     ]
     return TaskResult(task.name, len(golds), n_total, shots, metrics, predictions)
 
@@ -161,7 +197,7 @@ def gold_answer(task: TaskSpec, card, vars: dict) -> str:
 def _generate(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_size,
               bf16) -> TaskResult:
     card = get_card(task.dataset).for_config(task.config)
-    its, n_total = _items(task, limit, seed)
+    its, n_total, _ = _items(task, limit, seed)
     contexts, chat = _contexts(tokenizer, task, its, shots, seed)
     golds = [gold_answer(task, card, it.vars) for it in its]
     gens = generate(model, tokenizer, contexts, max_new_tokens=task.max_new_tokens, stop=task.stop,

@@ -45,7 +45,8 @@ Output = Literal["multiple_choice", "generate", "perplexity"]
 # Per output type: (the metrics it can report, its default metrics, its default primary metric).
 # `bleu` stands for bleu_1 .. bleu_4.
 METRICS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
-    "multiple_choice": (("accuracy", "macro_f1", "weighted_f1", "ece", "avg_f1", "mcc", "binary_f1"),
+    "multiple_choice": (("accuracy", "macro_f1", "weighted_f1", "ece", "avg_f1", "mcc", "binary_f1",
+                         "macro_accuracy"),
                         ("accuracy", "macro_f1", "weighted_f1", "ece"), "macro_f1"),
     "generate": (("exact_match", "token_f1", "rouge_l", "bleu", "bleu_1", "bleu_2", "bleu_3", "bleu_4",
                   "numeric_accuracy", "execution_accuracy", "entity_f1", "semantic_similarity", "pass_at_1"),
@@ -58,9 +59,11 @@ OUTPUT_FIELDS = {
     "generate": ("max_new_tokens", "stop", "extractor", "target", "rel_tol"),
     "perplexity": ("max_length",),
 }
-# Fields added later, left out of the canonical form while unset, so that adding them changed
-# no task's identity; and fields that change no number (never part of the identity).
-OPTIONAL_FIELDS = ("prompt", "completion", "choices", "label", "questions", "where", "ner")
+# Fields added after tasks were first stored: left out of the canonical form while at their
+# default, so adding them changed no task's identity; and fields that change no number (never
+# part of the identity).
+LATER_FIELDS = ("prompt", "completion", "choices", "label", "questions", "where", "ner",
+                "configs", "group_by", "header", "fewshot_sampler", "choices_column")
 NOT_IDENTITY = ("suite",)
 EXTRACTORS = ("first_line", "last_number", "function_body", "regex:<pattern>")
 # Code tasks only (`program` set): left out of other tasks' canonical form, so their keys stay.
@@ -104,6 +107,17 @@ class TaskSpec(Spec):
     questions: tuple[dict[str, str], ...] | None = None
     where: str | None = None  # Jinja expression over a row: rows where it is false are left out
     ner: NerSpec | None = None  # generate + entity_f1: words, gold tags and scored types
+    # Several subsets scored as one task, each reported on its own and macro-averaged
+    # (`macro_accuracy`); `accuracy` etc. pool all items. With subsets, `limit` is per subset.
+    configs: Literal["all"] | tuple[str, ...] | None = None  # these configs of the card; "all":
+    # every config except a union config named "all" (MMLU's 57 subjects)
+    group_by: str | None = None  # or: subsets by this column's value (MMLU-Pro's category)
+    header: str | None = None  # Jinja template, rendered with the item, once before demonstrations
+    # first_n: the few-shot split's first rows in order, the same for every item (of a subset),
+    # as lm-evaluation-harness does for MMLU; random: drawn per item with the seed.
+    fewshot_sampler: Literal["random", "first_n"] = "random"
+    choices_column: str | None = None  # multiple_choice: a column whose length is the item's number
+    # of choices (MMLU-Pro has up to ten); None: every label is a choice
     # output: generate
     max_new_tokens: int = Field(256, ge=1)
     stop: tuple[str, ...] = ()  # the generated text is cut at the first of these
@@ -160,6 +174,10 @@ class TaskSpec(Spec):
         for q in self.questions or ():
             if "name" not in q:
                 raise ValueError(f"question {q} has no `name`")
+        if "macro_accuracy" in self.metrics and not (self.configs or self.group_by):
+            raise ValueError("metric macro_accuracy needs subsets: set configs or group_by")
+        if self.configs and self.config:
+            raise ValueError("give either config or configs, not both")
         return self
 
     @property
@@ -176,8 +194,8 @@ class TaskSpec(Spec):
         if self.program is None:
             for f in CODE_FIELDS:
                 data.pop(f)
-        for f in OPTIONAL_FIELDS:
-            if data[f] is None:
+        for f in LATER_FIELDS:
+            if getattr(self, f) == type(self).model_fields[f].default:
                 data.pop(f)
         for f in NOT_IDENTITY:
             data.pop(f)
