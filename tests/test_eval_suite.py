@@ -131,7 +131,7 @@ def test_gsm8k_shots_chain_of_thought(tiny_tokenizer, shots):
     from taxon.evals.evaluate import _contexts, _items
 
     task = get_task("gsm8k")
-    its, _ = _items(task, 2, 0)
+    its, _, _ = _items(task, 2, 0)
     for chat in (False, True):
         prompts, used = _contexts(tiny_tokenizer, task.model_copy(update={"chat": chat}), its, shots, 0)
         assert used is chat

@@ -13,7 +13,7 @@ import torch
 from taxon.config import parse
 from taxon.data.mixture import encode_pair
 from taxon.errors import TaxonError
-from taxon.evals import subsets
+from taxon.evals import items, subsets
 from taxon.evals.evaluate import _contexts, evaluate_task
 from taxon.evals.tasks import TaskSpec, get_task
 
@@ -42,7 +42,7 @@ def test_five_shot_prompt_is_the_standard_format(tiny_tokenizer, data_dir):
     rows, n_total, layout = subsets.items(task, 3, seed=0)
     assert [x["name"] for x in layout] == list(SUBJECTS) and len(rows) == 6
     assert n_total == sum(x["size"] for x in layout)
-    contexts, chat = _contexts(tiny_tokenizer, task, rows, 5, seed=0)
+    contexts, chat = _contexts(tiny_tokenizer, task, items.expand(task, rows), 5, seed=0)
     assert chat is False
     dev = read_jsonl(data_dir / "cais/mmlu/anatomy/dev.jsonl")
     test = read_jsonl(data_dir / "cais/mmlu/anatomy/test.jsonl")
@@ -83,7 +83,7 @@ def test_mmlu_scores_and_per_subject_accuracy(tiny_model):
     assert r.metrics["accuracy"]["value"] == pytest.approx(np.mean(sum(by_subject.values(), [])))
     # The stored scores are exact log-likelihoods of the real 5-shot prompts.
     rows, _, _ = subsets.items(task, 4, seed=0)
-    contexts, _ = _contexts(tok, task, rows, 5, seed=0)
+    contexts, _ = _contexts(tok, task, items.expand(task, rows), 5, seed=0)
     for j in (0, 5):
         for label in (0, 3):
             ctx, cont = encode_pair(tok, contexts[j], " " + "ABCD"[label])
