@@ -63,6 +63,9 @@ class StageSpec(Spec):
     lora: LoraSpec | None = LoraSpec()  # None: full fine-tuning
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
+    # SFT: the examples of a micro-batch go in one row without padding, each kept to its own
+    # attention; False pads each batch to its longest example. Pretraining blocks are always full.
+    packing: bool = True
 
     @model_validator(mode="after")
     def _rates_sum_to_one(self) -> StageSpec:

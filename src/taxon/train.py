@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from taxon import padding_free
 from taxon.config import StageSpec
 from taxon.data import mixture, render
 from taxon.models import atomic_save, bf16_supported, load_model
@@ -79,6 +80,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
             r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
             target_modules=list(stage.lora.target_modules), task_type="CAUSAL_LM",
         )
+    packed = padding_free.applies(stage)
     scratch = Path(tempfile.mkdtemp(prefix="taxon-trainer-"))
     args = SFTConfig(
         output_dir=str(scratch),
@@ -91,7 +93,10 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
         seed=stage.seed,
         data_seed=stage.seed,
         bf16=bf16,
-        max_length=stage.max_length,
+        # mixture keeps every example within max_length; TRL refuses a max_length it cannot
+        # enforce on padding-free rows.
+        max_length=None if packed else stage.max_length,
+        padding_free=packed,
         activation_checkpointing=False,  # TRL turns it on by default; small models do not need it
         packing=False,  # pretraining text arrives already packed into blocks (mixture.pack)
         # SFT batches of similar lengths waste less compute on padding; the grouping is seeded.
@@ -101,7 +106,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
+        # A padding-free row has no padding; "non_padding" would miss EOS tokens (EOS = pad).
+        include_num_input_tokens_seen="all" if packed else "non_padding",
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
@@ -111,9 +117,11 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    t_train = time.time()
+    counter = trainer.data_collator = padding_free.TokenCounter(trainer.data_collator)
+    t_train, cpu_train = time.time(), time.process_time()
     result = trainer.train()
     train_s = time.time() - t_train
+    cpu_s = time.process_time() - cpu_train
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -125,11 +133,13 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
         "tokens": tokens,
         "tokens_per_s": tokens / train_s if train_s else None,
         "train_seconds": train_s,
+        "train_cpu_seconds": cpu_s,  # steadier than wall time when other work shares the CPU
         "wall_seconds": time.time() - t0,
         "peak_memory_mb": peak_memory_mb(),
         "trainable_params": trainable,
         "total_params": total,
         "bf16": bf16,
+        "packing_efficiency": counter.efficiency(stage.steps * stage.grad_accum),
         "mixture": summary,
     }
     meta = {"spec": stage.model_dump(mode="json"), "base": str(base), "lora": stage.lora is not None,
