@@ -87,3 +87,25 @@ def test_pretraining_blocks_are_full(tmp_path, data_dir):
     assert not applies(stage)  # one row of full blocks would only cost attention
     figures = train_stage(stage, "tiny", tmp_path / "pre", desc="test-pretrain-blocks")
     assert figures["packing_efficiency"] == 1.0
+
+
+def test_labelled_loss_equals_the_models_own_loss(tiny_model, examples):
+    """The CPU loss (logits of labelled positions only) is the full-logits loss, on a padded
+    batch and on a padding-free row, and the two layouts agree."""
+    from taxon.labelled_loss import labelled_loss
+
+    model, tokenizer = tiny_model
+    rows = [{"input_ids": e["input_ids"],
+             "labels": [t if m else -100 for t, m in zip(e["input_ids"], e["completion_mask"], strict=True)]}
+            for e in examples]
+    losses = []
+    for free in (False, True):
+        batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=free)(rows)
+        with torch.no_grad():
+            ours = labelled_loss(model, batch)
+            full = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                     "position_ids", "labels")},
+                         use_cache=False).loss
+        torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-5)
+        losses.append(ours)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)

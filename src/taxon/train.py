@@ -65,7 +65,9 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
     killed run never leaves a folder that looks complete.
     """
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from taxon.labelled_loss import LabelledLossTrainer
 
     # transformers 5 warns that its own Trainer reads the deprecated gradient-checkpointing flag.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
@@ -111,7 +113,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train") -> 
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(
+    trainer = LabelledLossTrainer(
         model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
         peft_config=peft_config, callbacks=[_Progress(desc)],
     )
