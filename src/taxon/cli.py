@@ -132,6 +132,8 @@ def train(
     decay_ratio: Annotated[float | None, typer.Option(help="wsd: cooldown share (default 0.2).")] = None,
     lora_r: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tuning.")] = 16,
     lora_alpha: int = 32, lora_dropout: float = 0.05, seed: int = 0,
+    packing: Annotated[bool | None, typer.Option(
+        help="SFT batches as one padding-free row (default: on CUDA only).")] = None,
 ) -> None:
     """Train one stage and write a checkpoint that `eval` and later stages can load."""
     from taxon.config import StageSpec, parse
@@ -145,14 +147,15 @@ def train(
         "objective": objective, "steps": steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "lr": lr, "warmup_ratio": warmup_ratio, "schedule": schedule,
         "decay_ratio": decay_ratio,
-        "max_length": max_length, "seed": seed,
+        "max_length": max_length, "seed": seed, "packing": packing,
         "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout} if lora_r else None,
         "data": [{"dataset": d, "config": c, "rate": r}
                  for d, c, r in zip(dataset, configs, rates, strict=True)],
     }, "command line")
     figures = train_stage(spec, model, output)  # type: ignore[arg-type]
     console.print(f"wrote {output}: loss {figures['final_loss']:.3f}, "
-                  f"{figures['tokens']} tokens at {figures['tokens_per_s']:.0f} tokens/s")
+                  f"{figures['tokens']} tokens at {figures['tokens_per_s']:.0f} tokens/s, "
+                  f"packing efficiency {figures['packing_efficiency']:.1%}")
 
 
 @app.command("eval")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from taxon import adapters, schedule
+from taxon import adapters, padding_free, schedule
 from taxon.config import StageSpec
 from taxon.data import mixture, render
 from taxon.models import STAGE_META, atomic_save, bf16_supported, load_model
@@ -112,7 +112,9 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
     `accelerate launch` (DDP) only the main process writes.
     """
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from taxon.labelled_loss import LabelledLossTrainer
 
     # transformers 5 warns that its own Trainer reads the deprecated gradient-checkpointing flag.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
@@ -134,6 +136,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
             r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
             target_modules=list(stage.lora.target_modules), task_type="CAUSAL_LM",
         )
+    packed = padding_free.applies(stage)
     scratch = Path(tempfile.mkdtemp(prefix="taxon-trainer-"))
     meta = {"spec": stage.model_dump(mode="json"), "base": root, "lora": stage.lora is not None}
     if root != str(base):  # a continued adapter applies to its first stage's base
@@ -150,7 +153,10 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         seed=stage.seed,
         data_seed=stage.seed,
         bf16=bf16,
-        max_length=stage.max_length,
+        # mixture keeps every example within max_length; TRL refuses a max_length it cannot
+        # enforce on padding-free rows.
+        max_length=None if packed else stage.max_length,
+        padding_free=packed,
         activation_checkpointing=False,  # TRL turns it on by default; small models do not need it
         packing=False,  # pretraining text arrives already packed into blocks (mixture.pack)
         # SFT batches of similar lengths waste less compute on padding; the grouping is seeded.
@@ -160,11 +166,12 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         report_to=report_to,
         run_name=run_name,
         disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
+        # A padding-free row has no padding; "non_padding" would miss EOS tokens (EOS = pad).
+        include_num_input_tokens_seen="all" if packed else "non_padding",
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(
+    trainer = LabelledLossTrainer(
         model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[_Progress(desc), schedule.ContinueSchedule(),
@@ -172,9 +179,11 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    t_train = time.time()
+    counter = trainer.data_collator = padding_free.TokenCounter(trainer.data_collator)
+    t_train, cpu_train = time.time(), time.process_time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.time() - t_train
+    cpu_s = time.process_time() - cpu_train
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     tokens = int(trainer.state.num_input_tokens_seen) - schedule.tokens_seen(resume)
@@ -186,11 +195,13 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         "tokens": tokens,
         "tokens_per_s": tokens / train_s if train_s else None,
         "train_seconds": train_s,
+        "train_cpu_seconds": cpu_s,  # steadier than wall time when other work shares the CPU
         "wall_seconds": time.time() - t0,
         "peak_memory_mb": peak_memory_mb(),
         "trainable_params": trainable,
         "total_params": total,
         "bf16": bf16,
+        "packing_efficiency": counter.efficiency(stage.steps * stage.grad_accum),
         "mixture": summary,
     }
     meta["figures"] = figures
