@@ -26,10 +26,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from taxon import padding_free  # noqa: E402
 from taxon.config import DataRef, StageSpec  # noqa: E402
 from taxon.data import mixture, render  # noqa: E402
 from taxon.models import load_model  # noqa: E402
-from taxon import padding_free  # noqa: E402
 from taxon.padding_free import TokenCounter  # noqa: E402
 from taxon.train import train_stage, use_bf16  # noqa: E402
 
