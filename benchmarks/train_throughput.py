@@ -4,7 +4,8 @@ Both sides get the same model, LoRA, examples, steps, optimiser settings and pre
 autocast where supported, like taxon's `auto`). The plain side is what one would write by hand:
 random batches padded per batch (DataCollatorForSeq2Seq, labels -100 on the prompt and padding).
 taxon trains SFT in its default layout (`packing` auto: padding-free rows on CUDA, padded
-batches on CPU) and, for reference, in the other one. Pretraining: both sides train on the same full blocks of text (mixture.pack).
+batches on CPU) and, for reference, in the other one. Pretraining: both sides train on the
+same full blocks of text (mixture.pack).
 
 Prints useful (non-padding) tokens per second for each side, their ratio and the packing
 efficiency; then what keeping packed examples apart costs in attention. Targets: >= 1.3x on SFT over
