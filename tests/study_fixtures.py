@@ -30,8 +30,8 @@ experiments:
 """
 
 # Figures that measure time or memory rather than what was computed.
-VOLATILE = {"tokens_per_s", "train_seconds", "wall_seconds", "peak_memory_mb", "seconds",
-            "created", "run_id"}
+VOLATILE = {"tokens_per_s", "items_per_s", "train_seconds", "train_cpu_seconds", "wall_seconds",
+            "peak_memory_mb", "seconds", "created", "run_id"}
 
 
 def fresh_cache(root: Path) -> Path:
@@ -51,6 +51,13 @@ def cli(args: list[str], cache: Path, cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _drop_volatile(v):
+    """Timings and memory at any depth (e.g. a result's metrics.efficiency)."""
+    if isinstance(v, dict):
+        return {a: _drop_volatile(b) for a, b in v.items() if a not in VOLATILE}
+    return v
+
+
 def _clean(row: dict, cache: Path) -> dict:
     out = {}
     for k, v in row.items():
@@ -58,8 +65,7 @@ def _clean(row: dict, cache: Path) -> dict:
             continue
         if isinstance(v, str) and v.startswith(("{", "[")):
             v = json.loads(v)
-            if isinstance(v, dict):
-                v = {a: b for a, b in v.items() if a not in VOLATILE}
+            v = _drop_volatile(v)
         if isinstance(v, str):
             v = v.replace(str(cache), "<cache>")
         out[k] = v
