@@ -32,7 +32,7 @@ $(MODEL_STAMP): $(STAMP)
 	touch $@
 
 test: $(MODEL_STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks main.py
 	$(BIN)/pytest -q
 
 demo: $(MODEL_STAMP)
