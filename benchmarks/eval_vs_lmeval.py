@@ -261,4 +261,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from taxon.errors import guarded
+
+    sys.exit(guarded(main))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections import Counter
 
@@ -51,4 +52,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from taxon.errors import guarded
+
+    sys.exit(guarded(main))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -164,4 +165,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from taxon.errors import guarded
+
+    sys.exit(guarded(main))

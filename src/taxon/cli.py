@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from taxon.errors import TaxonError
+from taxon.errors import TaxonError, guarded
 from taxon.settings import CARDS_DIR_ENV, DATA_DIR_ENV
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -272,11 +272,7 @@ def report(
 
 
 def main() -> None:
-    try:
-        app()
-    except TaxonError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    sys.exit(guarded(app))
 
 
 if __name__ == "__main__":

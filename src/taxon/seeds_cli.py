@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from taxon.errors import TaxonError
+from taxon.errors import TaxonError, guarded
 
 if TYPE_CHECKING:
     from taxon.config import StageSpec
@@ -238,13 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.data_dir is not None:
         os.environ[DATA_DIR_ENV] = str(args.data_dir)
-    try:
-        run = plan_run(args)
-        execute(run, args, Console(soft_wrap=True))
-    except TaxonError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        return 2
-    return 0
+    return guarded(lambda: execute(plan_run(args), args, Console(soft_wrap=True)))
 
 
 if __name__ == "__main__":

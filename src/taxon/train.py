@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from taxon import adapters, padding_free, schedule
 from taxon.config import StageSpec
 from taxon.data import mixture, render
+from taxon.evals import efficiency
 from taxon.models import STAGE_META, atomic_save, bf16_supported, load_model
 
 
@@ -78,12 +78,6 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and bf16_supported())
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _per_device_batch(batch_size: int) -> int:
     """The spec's batch is the global batch: under DDP (`accelerate launch`, `torchrun`) each of
     the WORLD_SIZE processes takes its share, so a stage trains on the same examples however it
@@ -119,6 +113,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
     # transformers 5 warns that its own Trainer reads the deprecated gradient-checkpointing flag.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     t0 = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    efficiency.reset_peak_memory(device)  # the stage's own peak, as evaluations measure theirs
     base, resume = schedule.resume_point(stage, base)
     if stage.adapter == "continue":
         model, tokenizer, root = adapters.continue_adapter(stage, base)
@@ -197,7 +193,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         "train_seconds": train_s,
         "train_cpu_seconds": cpu_s,  # steadier than wall time when other work shares the CPU
         "wall_seconds": time.time() - t0,
-        "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_mb": efficiency.peak_memory_mb(device),
         "trainable_params": trainable,
         "total_params": total,
         "bf16": bf16,
