@@ -33,6 +33,7 @@ $(MODEL_STAMP): $(STAMP)
 
 test: $(MODEL_STAMP)
 	$(BIN)/ruff check src tests benchmarks main.py
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 demo: $(MODEL_STAMP)

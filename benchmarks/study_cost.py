@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from taxon.config import load_study
 from taxon.errors import TaxonError
 from taxon.study.cost import schedule_rules, study_cost
+from taxon.study.load import load_study
 from taxon.study.plan import plan, unique_stages
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -31,9 +31,12 @@ import torch  # noqa: E402
 from taxon import padding_free  # noqa: E402
 from taxon.config import DataRef, StageSpec  # noqa: E402
 from taxon.data import mixture, render  # noqa: E402
-from taxon.models import load_model  # noqa: E402
+from taxon.models import (
+    load_model,  # noqa: E402
+    use_bf16,  # noqa: E402
+)
 from taxon.padding_free import TokenCounter  # noqa: E402
-from taxon.train import train_stage, use_bf16  # noqa: E402
+from taxon.train import train_stage  # noqa: E402
 
 FPB = DataRef(dataset="takala/financial_phrasebank", config="sentences_50agree")
 WIKI = DataRef(dataset="wikitext", config="wikitext-2-v1", split="validation")

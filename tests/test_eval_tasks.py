@@ -17,9 +17,10 @@ from taxon.data.cards import get_card
 from taxon.data.sources import load_rows
 from taxon.evals.evaluate import evaluate_task, gold_answer, perplexity_windows
 from taxon.evals.tasks import get_task
+from taxon.identity import model_identity
 from taxon.report.tables import results_table
 from taxon.study.plan import eval_key
-from taxon.study.run import evaluate_model
+from taxon.study.run import run_single
 from taxon.study.store import Store
 
 NEW_TASKS = ["gsm8k", "finqa10k", "eval_general", "eval_domain"]
@@ -121,11 +122,10 @@ def test_runner_and_table_show_each_tasks_metrics(tiny_model, tmp_path, monkeypa
 
     monkeypatch.setattr(work, "load_model", lambda location: tiny_model)
     monkeypatch.setattr(work, "_loaded", None)
-    s = Store(tmp_path / "results.sqlite")
     spec = EvalSpec(tasks=("fpb", "finqa10k", "eval_domain"), limit=3, batch_size=4)
-    evaluate_model("tiny", "model:tiny", spec, s, Console(quiet=True))
-    s.add_experiment("eval", "tiny", "tiny", "model:tiny", [], {"model": "tiny"})
-    assert len(s.results("model:tiny")) == 3
+    exp, s = run_single("eval", "tiny", "tiny", (), spec, tmp_path / "results.sqlite", Console(quiet=True))
+    assert exp.model_key == model_identity("tiny") and exp.model_key.startswith("config:")
+    assert len(s.results(exp.model_key)) == 3
     table = results_table(s, "eval")
     for heading in ("**Multiple choice**", "**Generation**", "**Perplexity**"):
         assert heading in table

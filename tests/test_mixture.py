@@ -9,6 +9,7 @@ from taxon.config import DataRef, StageSpec
 from taxon.data import mixture, render
 from taxon.data.sources import load_rows
 from taxon.errors import TaxonError
+from taxon.evals.tasks import held_out_splits
 
 WIKI = {"dataset": "wikitext", "config": "wikitext-2-v1", "split": "validation"}
 
@@ -173,7 +174,7 @@ def test_stage_rates_must_sum_to_one():
 def test_training_on_an_eval_split_is_refused(tiny_tokenizer, objective, ref):
     stage = StageSpec(objective=objective, data=(ref,), steps=1, batch_size=1)
     with pytest.raises(TaxonError, match="eval task"):
-        mixture.build(stage, tiny_tokenizer, chat=True)
+        mixture.build(stage, tiny_tokenizer, chat=True, held_out=held_out_splits)
 
 
 def test_wikitext_validation_is_allowed_as_replay(tiny_tokenizer):

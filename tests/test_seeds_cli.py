@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from taxon.identity import model_identity as model_key
 from taxon.models import STAGE_META, load_model
-from taxon.seeds_cli import default_output_dir, model_key, parser, plan_run, tasks_for
+from taxon.seeds_cli import default_output_dir, parser, plan_run, tasks_for
 from taxon.study.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import yaml
 from rich.console import Console
 from sklearn.metrics import f1_score
 
-from taxon.config import load_study
 from taxon.report.tables import results_table
+from taxon.study.load import load_study
 from taxon.study.plan import eval_key, plan
 from taxon.study.run import run_study
 from taxon.study.store import Store

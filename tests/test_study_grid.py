@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from taxon.config import DataRef, StageSpec, load_study
+from taxon.config import DataRef, StageSpec
 from taxon.errors import TaxonError
 from taxon.study import cost
 from taxon.study.grid import DataNames
+from taxon.study.load import load_study
 from taxon.study.plan import plan, unique_stages
 from taxon.study.recipes import all_recipes, expand
 

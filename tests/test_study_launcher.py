@@ -10,7 +10,7 @@ import sys
 from rich.console import Console
 from study_fixtures import fresh_cache
 
-from taxon.config import load_study
+from taxon.study.load import load_study
 from taxon.study.plan import plan
 from taxon.study.run import run_study
 from taxon.study.store import Store

@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 from study_fixtures import STUDY, cli, fresh_cache, snapshot, trainings
 
-from taxon.config import load_study
+from taxon.study.load import load_study
 from taxon.study.plan import plan
 from taxon.study.run import clear_incomplete, run_study
 from taxon.study.store import Store

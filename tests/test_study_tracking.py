@@ -7,9 +7,9 @@ import pytest
 from rich.console import Console
 from study_fixtures import fresh_cache
 
-from taxon.config import load_study
 from taxon.errors import TaxonError
 from taxon.study import tracking
+from taxon.study.load import load_study
 from taxon.study.run import run_study
 from taxon.study.store import Store
 

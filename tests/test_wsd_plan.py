@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from taxon.config import StageSpec, load_study
+from taxon.config import StageSpec
 from taxon.errors import TaxonError
+from taxon.identity import model_identity
+from taxon.study.load import load_study
 from taxon.study.plan import plan, stage_id, unique_stages
 
 STUDY = """
@@ -57,7 +59,7 @@ def test_three_durations_share_one_trunk(experiments):
     assert [s.id for s in experiments["wsd-50k-again"].stages] == [s.id for s in e50.stages[:4]]
     # Each stage's parent is the previous segment; ids are hashes of spec + parent.
     for e in (e10, e25, e50):
-        assert e.stages[0].parent == "model:tiny"
+        assert e.stages[0].parent == model_identity("tiny")
         for prev, cur in zip(e.stages, e.stages[1:], strict=False):
             assert cur.parent == prev.id
             assert cur.id == stage_id(cur.parent, cur.spec)

@@ -139,8 +139,8 @@ def test_study_trains_the_shared_trunk_once(tmp_path, monkeypatch, data_dir):
 
     from rich.console import Console
 
-    from taxon.config import load_study
     from taxon.models import prepare
+    from taxon.study.load import load_study
     from taxon.study.plan import plan, unique_stages
     from taxon.study.run import run_study
     from taxon.study.store import Store

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from taxon.config import EvalSpec, StageSpec, default, parse
 from taxon.errors import TaxonError, guarded
 from taxon.settings import CARDS_DIR_ENV, DATA_DIR_ENV
 
@@ -119,40 +120,66 @@ def data_check(
         raise typer.Exit(2)
 
 
+# Each `taxon train` option and the StageSpec field it sets; defaults come from the spec
+# (tests/test_flags.py fails if an option or a default drifts).
+TRAIN_FLAGS = {
+    "steps": "steps", "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
+    "warmup_ratio": "warmup_ratio", "schedule": "schedule", "decay_ratio": "decay_ratio",
+    "max_length": "max_length", "lora_r": "lora.r", "lora_dropout": "lora.dropout", "seed": "seed",
+    "precision": "precision", "mix_by": "mix_by", "adapter": "adapter", "packing": "packing",
+}
+_D = {flag: default(StageSpec, field) for flag, field in TRAIN_FLAGS.items()}
+
+
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="Alias, Hub id, local folder or checkpoint.")],
     dataset: Annotated[list[str], typer.Option(help="Dataset id; repeat for a mixture.")],
-    output: Annotated[Path, typer.Option(help="Checkpoint folder to write.")],
-    objective: Annotated[str, typer.Option(help="pretrain or sft.")] = "sft",
+    output: Annotated[Path, typer.Option(help="Checkpoint folder to write (a copy of the cached "
+                                         "stage).")],
+    objective: Annotated[str, typer.Option(help="pretrain, sft or mixed.")] = "sft",
     config: Annotated[list[str] | None, typer.Option(help="Config per dataset.")] = None,
     rate: Annotated[list[float] | None, typer.Option(help="Mixture rate per dataset.")] = None,
-    steps: int = 100, batch_size: int = 8, grad_accum: int = 1, lr: float = 2e-4,
-    warmup_ratio: float = 0.1, schedule: str = "cosine", max_length: int = 256,
-    decay_ratio: Annotated[float | None, typer.Option(help="wsd: cooldown share (default 0.2).")] = None,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tuning.")] = 16,
-    lora_alpha: int = 32, lora_dropout: float = 0.05, seed: int = 0,
+    as_: Annotated[list[str] | None, typer.Option(
+        "--as", help="objective mixed: text or pair, per dataset.")] = None,
+    steps: int = _D["steps"], batch_size: int = _D["batch_size"], grad_accum: int = _D["grad_accum"],
+    lr: float = _D["lr"], warmup_ratio: float = _D["warmup_ratio"], schedule: str = _D["schedule"],
+    max_length: int = _D["max_length"],
+    decay_ratio: Annotated[float | None, typer.Option(help="wsd: cooldown share (default 0.2).")]
+    = _D["decay_ratio"],
+    lora_r: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tuning.")] = _D["lora_r"],
+    lora_alpha: Annotated[float | None, typer.Option(help="Default: 2 x lora_r.")] = None,
+    lora_dropout: float = _D["lora_dropout"], seed: int = _D["seed"],
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16.")] = _D["precision"],
+    mix_by: Annotated[str, typer.Option(help="auto, tokens or examples.")] = _D["mix_by"],
+    adapter: Annotated[str, typer.Option(help="On a LoRA parent: merge or continue.")] = _D["adapter"],
     packing: Annotated[bool | None, typer.Option(
-        help="SFT batches as one padding-free row (default: on CUDA only).")] = None,
+        help="SFT batches as one padding-free row (default: on CUDA only).")] = _D["packing"],
+    store: StoreOpt = DEFAULT_STORE,
 ) -> None:
-    """Train one stage and write a checkpoint that `eval` and later stages can load."""
-    from taxon.config import StageSpec, parse
-    from taxon.train import train_stage
+    """Train one stage (a one-experiment study: validated first, from the stage cache when it
+    was trained before) and copy its checkpoint to --output for `eval` and later stages."""
+    from taxon.seeds_cli import check_output
+    from taxon.study.run import run_single
 
-    configs = config or [None] * len(dataset)
-    rates = rate or [None] * len(dataset)
-    if len(configs) != len(dataset) or len(rates) != len(dataset):
-        raise TaxonError("give one --config and one --rate per --dataset (or none)")
+    n = len(dataset)
+    configs, rates, uses = config or [None] * n, rate or [None] * n, as_ or [None] * n
+    if not len(configs) == len(rates) == len(uses) == n:
+        raise TaxonError("give one --config, --rate and --as per --dataset (or none)")
     spec = parse(StageSpec, {
         "objective": objective, "steps": steps, "batch_size": batch_size,
         "grad_accum": grad_accum, "lr": lr, "warmup_ratio": warmup_ratio, "schedule": schedule,
-        "decay_ratio": decay_ratio,
-        "max_length": max_length, "seed": seed, "packing": packing,
+        "decay_ratio": decay_ratio, "max_length": max_length, "seed": seed, "packing": packing,
+        "precision": precision, "mix_by": mix_by, "adapter": adapter,
         "lora": {"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout} if lora_r else None,
-        "data": [{"dataset": d, "config": c, "rate": r}
-                 for d, c, r in zip(dataset, configs, rates, strict=True)],
+        "data": [{"dataset": d, "config": c, "rate": r, "as": u}
+                 for d, c, r, u in zip(dataset, configs, rates, uses, strict=True)],
     }, "command line")
-    figures = train_stage(spec, model, output)  # type: ignore[arg-type]
+    output = output.expanduser().resolve()
+    check_output(output, "--output")
+    exp, s = run_single("train", output.name, model, (spec,), EvalSpec(tasks=()), store,  # type: ignore[arg-type]
+                        console, checkpoint_to=output)
+    figures = s.stage(exp.stages[-1].id)["figures"]
     console.print(f"wrote {output}: loss {figures['final_loss']:.3f}, "
                   f"{figures['tokens']} tokens at {figures['tokens_per_s']:.0f} tokens/s, "
                   f"packing efficiency {figures['packing_efficiency']:.1%}")
@@ -166,24 +193,21 @@ def eval_(
         "be loaded are skipped with a line saying why).")] = "fpb",
     shots: Annotated[int | None, typer.Option(help="Few-shot count (default: task's).")] = None,
     limit: Annotated[int | None, typer.Option(help="Seeded subsample of each test set.")] = None,
-    seed: int = 0,
-    batch_size: int = 16,
+    seed: int = default(EvalSpec, "seed"),
+    batch_size: int = default(EvalSpec, "batch_size"),
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or auto.")] = default(EvalSpec, "precision"),
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
-    """Evaluate a model on tasks; results go to the store and a table is printed."""
-    from taxon.config import EvalSpec, parse
-    from taxon.evals.tasks import parse_task_list
+    """Evaluate a model on tasks (a zero-stage study); results go to the store, keyed by the
+    model's identity (a folder by its stage id or the digest of its weights), and a table is
+    printed."""
     from taxon.report.tables import results_table
-    from taxon.study.run import evaluate_model
-    from taxon.study.store import Store
+    from taxon.study.run import run_single
 
     spec = parse(EvalSpec, {"tasks": tasks.split(","), "shots": shots, "limit": limit,
-                            "seed": seed, "batch_size": batch_size}, "command line")
-    parse_task_list(spec.tasks)  # unknown task names fail before the model loads
-    key = f"model:{model}"
-    s = Store(store)
-    evaluate_model(model, key, spec, s, console)  # type: ignore[arg-type]
-    s.add_experiment("eval", model, model, key, [], {"model": model})
+                            "seed": seed, "batch_size": batch_size, "precision": precision},
+                 "command line")
+    _, s = run_single("eval", model, model, (), spec, store, console)  # type: ignore[arg-type]
     console.print(results_table(s, "eval"), highlight=False)
 
 
@@ -196,12 +220,13 @@ def study_plan(
 ) -> None:
     """Print the experiments, the stage graph, steps with and without reuse and estimated time;
     trains and loads nothing."""
-    from taxon.config import load_study
-    from taxon.study.plan import plan
+    from taxon.study.load import load_study
     from taxon.study.plan_report import print_plan
+    from taxon.study.validate import checked_plan
 
     study = load_study(file)
-    print_plan(study, plan(study), console, gpu=gpu, mfu=mfu, tree=tree)
+    print_plan(study, checked_plan(study, for_run=False, console=console), console, gpu=gpu, mfu=mfu,
+               tree=tree)
 
 
 @study_app.command("run")
@@ -228,19 +253,24 @@ def study_run(
                                                  "--num_processes 4' (DDP).")] = None,
 ) -> None:
     """Train what is missing, evaluate what is missing, print the results table."""
-    from taxon.config import load_study
     from taxon.report.tables import results_table
     from taxon.study import executors, tracking
+    from taxon.study.load import load_study
     from taxon.study.run import run_study
     from taxon.study.store import Store
+    from taxon.study.validate import checked_plan
 
     study = load_study(file)
     tracking.check(tuple(report_to or ()))
+    if workers < 1:
+        raise TaxonError(f"--workers {workers}: give at least 1")
+    experiments = checked_plan(study, for_run=True, console=console)  # before anything is written
+    s = Store(store or Path("results") / f"{study.name}.sqlite")
     tracking.setup(tuple(report_to or ()), study.name, Path("results") / study.name)
     ex = executors.make(executor, workers, address, gpus)
-    s = Store(store or Path("results") / f"{study.name}.sqlite")
     run_study(study, s, console, executor=ex, report_to=tuple(report_to or ()),
-              json_dir=json_dir or Path("results") / study.name / "json", launcher=launcher)
+              json_dir=json_dir or Path("results") / study.name / "json", launcher=launcher,
+              experiments=experiments)
     table = results_table(s, study.name)
     console.rule("results")
     console.print(table, highlight=False)
@@ -271,8 +301,9 @@ def report(
         console.print(f"{len(paths)} experiment JSON files written to {json_dir}")
 
 
-def main() -> None:
-    sys.exit(guarded(app))
+def main(argv: list[str] | None = None) -> None:
+    """The `taxon` entry point; exits with 0, or 2 and one line for a mistake the user can fix."""
+    sys.exit(guarded(lambda: app(argv)))
 
 
 if __name__ == "__main__":

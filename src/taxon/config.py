@@ -50,9 +50,18 @@ class DataRef(Spec):
 
 class LoraSpec(Spec):
     r: int = Field(16, ge=1)
-    alpha: int | float = Field(32, gt=0)  # a float where alpha/r ratios need one (r=1, ratio 0.5)
+    # a float where alpha/r ratios need one (r=1, ratio 0.5); unset: 2 x r, the one default rule
+    # for study files, `taxon train` and main.py alike.
+    alpha: int | float = Field(None, gt=0, validate_default=False)  # type: ignore[assignment]
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _alpha_default(cls, data):
+        if isinstance(data, dict) and data.get("alpha") is None:
+            data = {**data, "alpha": 2 * data.get("r", cls.model_fields["r"].default)}
+        return data
 
 
 class WsdSegment(Spec):
@@ -171,7 +180,7 @@ class StageSpec(Spec):
 
 class EvalSpec(Spec):
     tasks: tuple[str, ...] = ("fpb", "tfns", "sst2")
-    shots: int | None = None  # None: each task's own default
+    shots: int | None = Field(None, ge=0)  # None: each task's own default
     limit: int | None = Field(None, ge=1)  # seeded subsample of the test split
     batch_size: int = Field(16, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
@@ -205,6 +214,16 @@ class StudySpec(Spec):
         return self
 
 
+def default(spec: type[Spec], path: str):
+    """The default of a spec field, e.g. default(StageSpec, "lora.r"): flags take their defaults
+    from here, so the command lines and study files cannot drift apart."""
+    head, _, rest = path.partition(".")
+    value = spec.model_fields[head].default
+    if rest:
+        return default(type(value), rest)
+    return value
+
+
 def digest(*parts: str, length: int = 16) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:length]
 
@@ -235,21 +254,3 @@ def parse(spec_type: type[Spec], data: dict, source: str) -> Spec:
         if not err["loc"] and ": " in msg and msg.split(": ", 1)[0].startswith("overrides."):
             field, _, msg = msg.partition(": ")  # a model validator that names the field itself
         raise TaxonError(f"{source}: field '{field}': {msg}; fix the file") from e
-
-
-def load_study(path: str | Path) -> StudySpec:
-    """Parse a study file. Top-level `x-` keys only hold YAML anchors. Stages and the evaluation
-    take the study's seed unless they set one."""
-    data = {k: v for k, v in load_yaml(path).items() if not str(k).startswith("x-")}
-    seed = data.get("seed", 0)
-    if "grid" in data or "data" in data:  # named recipes over axes, added to `experiments`
-        from taxon.study.grid import expand_study
-
-        data = expand_study(data, str(path))
-    for exp in data.get("experiments") or []:
-        for stage in (exp.get("stages") or []) if isinstance(exp, dict) else []:
-            if isinstance(stage, dict):
-                stage.setdefault("seed", seed)
-    if isinstance(data.get("eval"), dict):
-        data["eval"].setdefault("seed", seed)
-    return parse(StudySpec, data, str(path))  # type: ignore[return-value]

@@ -111,6 +111,19 @@ def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None, extra=()
     return dest
 
 
+def copy_checkpoint(src: Path, dest: Path) -> Path:
+    """Put a copy of checkpoint `src` at `dest`, through a temp folder renamed into place like
+    `atomic_save`. A copy, not hard links: a user's own save_pretrained into `dest` rewrites files
+    in place and must not reach the stage cache."""
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
 def _convert_gguf(alias: str, gguf_path: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -235,6 +248,11 @@ def bf16_supported() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(precision: str) -> bool:
+    """The precision `auto` resolves to here: bf16 autocast where it pays off, else fp32."""
+    return precision == "bf16" or (precision == "auto" and bf16_supported())
 
 
 def describe_all() -> list[tuple[str, str, str]]:

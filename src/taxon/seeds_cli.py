@@ -20,9 +20,33 @@ if TYPE_CHECKING:
 
 DEFAULT_STORE = Path("results/taxon.sqlite")
 
+# Each training flag and the StageSpec field it sets: the flag's default is the field's default
+# (config.default), and tests/test_flags.py fails if the two ever differ.
+STAGE_FLAGS = {
+    "mix_by": "mix_by", "max_steps": "steps", "batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "max_length": "max_length",
+    "learning_rate": "lr", "warmup_ratio": "warmup_ratio", "lr_scheduler_type": "schedule",
+    "seed": "seed", "lora_r": "lora.r", "adapter": "adapter",
+}
+EVAL_FLAGS = {"eval_batch_size": "batch_size", "eval_limit": "limit"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, like every other bad input
+        self.exit(2, f"error: {message}; see `python main.py --help`\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from taxon.config import EvalSpec, StageSpec, default
+
+    p = _Parser(
         prog="main.py", description="Train one stage on datasets (pretrain or sft), then evaluate "
         "it on the eval tasks of those datasets. The `taxon` command runs whole studies.")
     p.add_argument("--model", required=True,
@@ -37,36 +61,39 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset_as", nargs="+", choices=("text", "pair"),
                    help="--mode mixed: how each dataset is used (text: loss on every token; "
                         "pair: loss on the completion).")
+    d = {flag: default(StageSpec, field) for flag, field in STAGE_FLAGS.items()}
     p.add_argument("--mode", choices=("pretrain", "sft", "mixed"), default="sft")
-    p.add_argument("--mix_by", choices=("auto", "tokens", "examples"), default="auto",
+    p.add_argument("--mix_by", choices=("auto", "tokens", "examples"), default=d["mix_by"],
                    help="What the rates share out (auto: tokens for pretrain, else examples).")
-    p.add_argument("--max_steps", type=int, default=100, help="Training steps; 0 = no training.")
+    p.add_argument("--max_steps", type=int, default=d["max_steps"],
+                   help="Training steps; 0 = no training.")
     p.add_argument("--evaluation_only", action="store_true",
                    help="Evaluate --model as it is; train nothing.")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_length", type=int, default=256)
-    p.add_argument("--learning_rate", type=float, default=2e-4)
-    p.add_argument("--warmup_ratio", type=float, default=0.1)
-    p.add_argument("--lr_scheduler_type", default="cosine",
-                   choices=("linear", "cosine", "constant", "constant_with_warmup"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora_r", type=int, default=16, help="LoRA rank; 0 = full fine-tuning.")
-    p.add_argument("--lora_alpha", type=int, help="Default: 2 x lora_r.")
+    p.add_argument("--batch_size", type=int, default=d["batch_size"])
+    p.add_argument("--gradient_accumulation_steps", type=int, default=d["gradient_accumulation_steps"])
+    p.add_argument("--max_length", type=int, default=d["max_length"])
+    p.add_argument("--learning_rate", type=float, default=d["learning_rate"])
+    p.add_argument("--warmup_ratio", type=float, default=d["warmup_ratio"])
+    p.add_argument("--lr_scheduler_type", default=d["lr_scheduler_type"],
+                   choices=("linear", "cosine", "constant", "constant_with_warmup", "wsd"))
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--lora_r", type=int, default=d["lora_r"], help="LoRA rank; 0 = full fine-tuning.")
+    p.add_argument("--lora_alpha", type=float, help="Default: 2 x lora_r.")
     p.add_argument("--full_finetune", action="store_true", help="Same as --lora_r 0.")
-    p.add_argument("--adapter", choices=("merge", "continue"), default="merge",
+    p.add_argument("--adapter", choices=("merge", "continue"), default=d["adapter"],
                    help="When --model is a LoRA checkpoint: merge its adapter and train a new one "
                         "(default) or keep training it.")
     p.add_argument("--output_dir", type=Path,
                    help="Default: ./checkpoints/<model>_<datasets>_<mode>.")
-    p.add_argument("--save_steps", type=int,
+    p.add_argument("--save_steps", type=_positive,
                    help="Also keep a checkpoint every N steps in output_dir/checkpoint-N.")
-    p.add_argument("--save_total_limit", type=int, help="Keep at most this many of those.")
+    p.add_argument("--save_total_limit", type=_positive, help="Keep at most this many of those.")
     p.add_argument("--eval_tasks",
                    help="Comma-separated eval tasks (default: every task on a trained dataset); "
                         "'none' skips evaluation.")
-    p.add_argument("--eval_limit", type=int, help="Seeded subsample of each task's test items.")
-    p.add_argument("--eval_batch_size", type=int, default=16)
+    p.add_argument("--eval_limit", type=int, default=default(EvalSpec, "limit"),
+                   help="Seeded subsample of each task's test items.")
+    p.add_argument("--eval_batch_size", type=int, default=default(EvalSpec, "batch_size"))
     p.add_argument("--store", type=Path, default=DEFAULT_STORE, help="SQLite results file.")
     p.add_argument("--data_dir", type=Path, help="Local dataset mirror (default $TAXON_DATA_DIR).")
     return p
@@ -126,6 +153,18 @@ def tasks_for(datasets: list[str], configs: list) -> list[str]:
     return out
 
 
+def check_output(out: Path, flag: str) -> None:
+    """A checkpoint destination: a new folder, or a taxon checkpoint to replace; never a file or
+    someone else's folder (checked before anything trains)."""
+    from taxon.models import STAGE_META
+
+    if out.exists() and not out.is_dir():
+        raise TaxonError(f"{flag} {out} is a file; name a folder for the checkpoint")
+    if out.is_dir() and any(out.iterdir()) and not (out / STAGE_META).is_file():
+        raise TaxonError(f"{flag} {out} is a folder that holds something other than a taxon "
+                         "checkpoint; name a new folder")
+
+
 def plan_run(args: argparse.Namespace) -> Run:
     """Turn parsed flags into a stage spec and an evaluation, refusing bad input in one line."""
     from taxon.config import StageSpec, parse
@@ -142,7 +181,7 @@ def plan_run(args: argparse.Namespace) -> Run:
     elif model.startswith((".", "/", "~")):
         raise TaxonError(f"--model {args.model}: no such folder; train that checkpoint first or "
                          "fix the path")
-    train = not args.evaluation_only and args.max_steps > 0
+    train = not args.evaluation_only and args.max_steps != 0  # a negative count fails in the spec
     if train and not n:
         raise TaxonError("no dataset to train on: pass --dataset (or --evaluation_only)")
     stage = None
@@ -154,7 +193,7 @@ def plan_run(args: argparse.Namespace) -> Run:
             "warmup_ratio": args.warmup_ratio, "schedule": args.lr_scheduler_type,
             "max_length": args.max_length, "seed": args.seed, "mix_by": args.mix_by,
             "adapter": args.adapter,
-            "lora": {"r": r, "alpha": args.lora_alpha or 2 * r} if r else None,
+            "lora": {"r": r, "alpha": args.lora_alpha} if r else None,
             "data": [{"dataset": d, "config": c, "rate": rt, "as": u}
                      for d, c, rt, u in zip(args.datasets, configs, rates, uses, strict=True)],
         }, "command line")
@@ -165,6 +204,7 @@ def plan_run(args: argparse.Namespace) -> Run:
         if str(out) == model:
             raise TaxonError(f"--output_dir {out} is the --model checkpoint itself; write the new "
                              "stage to another folder")
+        check_output(out, "--output_dir")
     if args.eval_tasks is not None:
         names = [] if args.eval_tasks.strip().lower() == "none" else args.eval_tasks.split(",")
         tasks = tuple(t.name for t in parse_task_list(names)) if names else ()
@@ -174,32 +214,23 @@ def plan_run(args: argparse.Namespace) -> Run:
     return Run(model, stage, out, tasks, name)
 
 
-def model_key(location: str) -> str:
-    """The store's identity of a model: an alias or Hub id by name; a checkpoint by the hash of
-    its stage metadata, so retraining into the same folder never reuses the old results."""
-    from taxon.config import digest
-    from taxon.models import STAGE_META
-
-    meta = Path(location) / STAGE_META
-    if meta.is_file():
-        return "checkpoint:" + digest(meta.read_text())
-    return f"model:{location}"
-
-
 def execute(run: Run, args: argparse.Namespace, console) -> dict:
-    """Train (if asked), then evaluate into the store and print the table."""
+    """Run the invocation as a one-experiment study through the same runner as `taxon study run`
+    (validation first, the content-addressed stage cache, the store), copy the trained stage to
+    --output_dir, and print the results table."""
     from taxon.config import EvalSpec, parse
     from taxon.report.tables import results_table
-    from taxon.study.run import evaluate_model
-    from taxon.study.store import Store
-    from taxon.train import train_stage
+    from taxon.study.run import run_single
 
-    location, figures = run.model, None
-    if run.stage is not None:
-        console.print(f"train {run.stage.objective} from {run.model}: {run.stage.steps} steps, "
-                      f"{len(run.stage.data)} dataset(s) -> {run.output_dir}", highlight=False)
-        figures = train_stage(run.stage, run.model, run.output_dir, desc=run.name,
-                              save_steps=args.save_steps, save_total_limit=args.save_total_limit)
+    spec = parse(EvalSpec, {"tasks": list(run.tasks), "limit": args.eval_limit,
+                            "batch_size": args.eval_batch_size, "seed": args.seed}, "command line")
+    train_options = {"save_steps": args.save_steps, "save_total_limit": args.save_total_limit}
+    exp, store = run_single(run.name, run.name, run.model, (run.stage,) if run.stage else (), spec,
+                            args.store, console, train_options=train_options,
+                            checkpoint_to=run.output_dir)
+    location = str(run.output_dir) if run.stage is not None else run.model
+    figures = store.stage(exp.stages[-1].id)["figures"] if exp.stages else None
+    if figures is not None:
         for part, f in figures["mixture"].items():
             console.print(f"  {part}: rate {f['rate']:.2f} as {f['as']}: {f['examples']} "
                           f"sequences, {f['tokens']} tokens ({f['loss_tokens']} with loss)",
@@ -207,24 +238,13 @@ def execute(run: Run, args: argparse.Namespace, console) -> dict:
         console.print(f"wrote {run.output_dir}: loss {figures['final_loss']:.3f}, "
                       f"{figures['tokens']} tokens at {figures['tokens_per_s']:.0f} tokens/s",
                       highlight=False)
-        location = str(run.output_dir)
     if not run.tasks:
         console.print(f"no eval task uses dataset {', '.join(args.datasets) or '(none)'}; "
                       "skipping evaluation (pass --eval_tasks to choose tasks)", highlight=False)
-        return {"location": location, "figures": figures, "model_key": None}
-    spec = parse(EvalSpec, {"tasks": list(run.tasks), "limit": args.eval_limit,
-                            "batch_size": args.eval_batch_size, "seed": args.seed}, "command line")
-    key = model_key(location)
-    store = Store(args.store)
-    console.print(f"evaluate {location} on {', '.join(run.tasks)}", highlight=False)
-    evaluate_model(location, key, spec, store, console)  # type: ignore[arg-type]
-    store.add_experiment(run.name, run.name, run.model, key, [],
-                         {"args": {k: str(v) if isinstance(v, Path) else v
-                                   for k, v in vars(args).items()},
-                          "stage": run.stage.model_dump(mode="json") if run.stage else None})
-    console.print(results_table(store, run.name), highlight=False)
+    else:
+        console.print(results_table(store, run.name), highlight=False)
     store.close()
-    return {"location": location, "figures": figures, "model_key": key}
+    return {"location": location, "figures": figures, "model_key": exp.model_key}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,8 @@ from taxon import adapters, padding_free, schedule
 from taxon.config import StageSpec
 from taxon.data import mixture, render
 from taxon.evals import efficiency
-from taxon.models import STAGE_META, atomic_save, bf16_supported, load_model
+from taxon.evals.tasks import held_out_splits
+from taxon.models import STAGE_META, atomic_save, load_model, use_bf16
 
 
 class _Progress(TrainerCallback):
@@ -63,6 +64,8 @@ class _StageMeta(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             meta = {**self.meta, "figures": {"step": state.global_step}}
+            if "id" in meta:  # an intermediate checkpoint is a model of its own
+                meta["id"] = f"{meta['id']}-step{state.global_step}"
             (folder / STAGE_META).write_text(json.dumps(meta, indent=2))
 
 
@@ -72,10 +75,6 @@ def _stash_checkpoints(out: Path, scratch: Path) -> list[Path]:
     for folder in sorted(out.glob("checkpoint-*")) if out.is_dir() else []:
         kept.append(folder.rename(scratch / folder.name))
     return kept
-
-
-def use_bf16(precision: str) -> bool:
-    return precision == "bf16" or (precision == "auto" and bf16_supported())
 
 
 def _per_device_batch(batch_size: int) -> int:
@@ -94,7 +93,8 @@ def _per_device_batch(batch_size: int) -> int:
 def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
                 save_steps: int | None = None, save_total_limit: int | None = None,
                 callbacks: tuple[TrainerCallback, ...] = (),
-                report_to: str | list[str] = "none", run_name: str | None = None) -> dict:
+                report_to: str | list[str] = "none", run_name: str | None = None,
+                stage_id: str | None = None) -> dict:
     """Train `stage` starting from `base` (model name or parent checkpoint); write `out`.
 
     The checkpoint is written to a temporary sibling and renamed into place at the end, so a
@@ -103,7 +103,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
     `save_steps`: also keep intermediate checkpoints in `out/checkpoint-N` (at most
     `save_total_limit`), each loadable by load_model. `callbacks`: extra TrainerCallbacks.
     `report_to` mirrors the training log to MLflow or W&B through the Trainer. Under
-    `accelerate launch` (DDP) only the main process writes.
+    `accelerate launch` (DDP) only the main process writes. `stage_id` (taxon.identity) goes into
+    the checkpoint's metadata, so the folder keeps its identity wherever it is copied.
     """
     from peft import LoraConfig
     from trl import SFTConfig
@@ -124,7 +125,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         if stage.lora is None:  # a merged LoRA parent comes back frozen; full fine-tuning trains all
             model.requires_grad_(True)
     chat = render.uses_chat(tokenizer, None)
-    train_set, summary = mixture.build(schedule.data_stage(stage), tokenizer, chat)
+    train_set, summary = mixture.build(schedule.data_stage(stage), tokenizer, chat, held_out_splits)
     bf16 = use_bf16(stage.precision)
     peft_config = None
     if stage.lora is not None and stage.adapter == "merge":
@@ -135,6 +136,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
     packed = padding_free.applies(stage)
     scratch = Path(tempfile.mkdtemp(prefix="taxon-trainer-"))
     meta = {"spec": stage.model_dump(mode="json"), "base": root, "lora": stage.lora is not None}
+    if stage_id is not None:
+        meta["id"] = stage_id
     if root != str(base):  # a continued adapter applies to its first stage's base
         meta["parent"] = str(base)
     schedule_args = schedule.trainer_args(stage)  # length, learning-rate schedule, checkpointing

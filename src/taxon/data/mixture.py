@@ -10,6 +10,7 @@ is refused, so no test item can reach a training text.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from datasets import Dataset
@@ -30,12 +31,11 @@ def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], lis
 
 
 def _examples(ref: DataRef, objective: str, tokenizer, chat: bool, seed: int,
-              max_length: int) -> tuple[list[dict], int]:
+              max_length: int, held_out: frozenset[str] = frozenset()) -> tuple[list[dict], int]:
     """A source's rows as token sequences, and how many SFT pairs were dropped for exceeding
-    `max_length` (truncating them would cut off the completion, the only part with a loss)."""
-    from taxon.evals.tasks import held_out_splits
-
-    if ref.split == "test" or ref.split in held_out_splits(ref.dataset):
+    `max_length` (truncating them would cut off the completion, the only part with a loss).
+    `held_out`: the source's splits that eval tasks score on (never read)."""
+    if ref.split == "test" or ref.split in held_out:
         raise TaxonError(
             f"stage data '{ref.dataset}' uses split '{ref.split}', which an eval task scores on; "
             "train on a train split so no test item reaches training"
@@ -145,8 +145,11 @@ def _mixed_part(stage: StageSpec, ref: DataRef, pool: list[dict], share: int,
     return [{**b, "completion_mask": [1] * len(b["input_ids"])} for b in blocks]
 
 
-def build(stage: StageSpec, tokenizer, chat: bool) -> tuple[Dataset, dict]:
-    """The stage's training examples and a summary per source.
+def build(stage: StageSpec, tokenizer, chat: bool,
+          held_out: Callable[[str], set[str]] | None = None) -> tuple[Dataset, dict]:
+    """The stage's training examples and a summary per source. `held_out(dataset)`: the splits
+    that eval tasks score on, refused here (the caller asks the evals layer, which sits above
+    data: train.py passes `evals.tasks.held_out_splits`).
 
     sft: columns input_ids and completion_mask, steps * batch * accum examples.
     pretrain: input_ids in blocks of exactly max_length tokens, enough for every step.
@@ -164,7 +167,8 @@ def build(stage: StageSpec, tokenizer, chat: bool) -> tuple[Dataset, dict]:
         # A mixed stage reads each source as its `as` says; the others as their objective does.
         how = stage.objective if stage.objective != "mixed" else (
             "pretrain" if stage.usage(ref) == "text" else "sft")
-        pool, too_long = _examples(ref, how, tokenizer, chat, stage.seed, stage.max_length)
+        pool, too_long = _examples(ref, how, tokenizer, chat, stage.seed, stage.max_length,
+                                   frozenset(held_out(ref.dataset)) if held_out else frozenset())
         pools.append(pool)
         dropped.append(too_long)
     shares = _budgets(stage, pools)

@@ -9,6 +9,8 @@ its own metrics and a task without a metric shows '-'.
 
 from __future__ import annotations
 
+import json
+
 from taxon.evals import references
 from taxon.evals.tasks import get_task
 from taxon.study.store import Store
@@ -39,13 +41,30 @@ def _scalars(metrics: dict) -> list[str]:
     return [k for k, v in metrics.items() if isinstance(v, dict) and "value" in v]
 
 
+def training_note(store: Store, experiments: list[dict]) -> str:
+    """How the experiments' stages were trained: precision and machine of the runs that trained
+    them (a reused stage keeps the run that trained it)."""
+    kinds = set()
+    for exp in {e["name"]: e for e in experiments}.values():
+        for sid in json.loads(exp["stages"]):
+            stage, res = store.stage(sid), store.stage_resources(sid) or {}
+            run = store.run(res.get("run_id"))
+            machine = (run or {}).get("environment", {}).get("machine") or "an unrecorded machine"
+            bf16 = (stage or {}).get("figures", {}).get("bf16")
+            kinds.add(f"{'bf16 autocast' if bf16 else 'fp32'} on {machine}")
+    return f"; trained in {'; '.join(sorted(kinds))}" if kinds else ""
+
+
 def results_table(store: Store, study: str | None = None) -> str:
     """Markdown: per output type, one row per (experiment, task)."""
     rows: dict[str, list[tuple[dict, dict, object]]] = {k: [] for k in SECTIONS}
+    machines: set[str] = set()
     for exp in store.experiments(study):
-        for r in store.results(exp["model_key"]):
+        for r in store.experiment_results(exp):
             task = get_task(r["task"])
             rows[task.output].append((exp, r, task))
+            run = store.result_run(r["model_key"], r["eval_key"])
+            machines.add((run or {}).get("environment", {}).get("machine") or "an unrecorded machine")
     present = [k for k in SECTIONS if rows[k]] or ["multiple_choice"]
     lines: list[str] = []
     notes: dict[str, str] = {}
@@ -80,7 +99,10 @@ def results_table(store: Store, study: str | None = None) -> str:
     lines.append("Cells: value [95% bootstrap interval over test items, 1,000 resamples]. "
                  "`n` of `N`: a seeded subsample of the test split. "
                  f"Scored in {' and '.join(sorted(precisions)) or 'fp32'}"
-                 f"{' (autocast)' if 'bf16' in precisions else ''}.")
+                 f"{' (autocast)' if 'bf16' in precisions else ''} on "
+                 f"{'; '.join(sorted(machines)) or 'this machine'}"
+                 f"{training_note(store, [e for e, _, _ in sum(rows.values(), [])])}. "
+                 "Identical numbers are promised per (machine kind, precision).")
     for output in present:
         lines.append(f"- {NOTES[output]}")
     for note in notes.values():

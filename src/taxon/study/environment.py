@@ -45,7 +45,10 @@ def device() -> dict:
 
 
 def environment() -> dict:
+    from taxon.identity import machine_kind
+
     return {
+        "machine": machine_kind(),
         "packages": {name: _version(name) for name in PACKAGES},
         "git_commit": git_commit(),
         "device": device(),

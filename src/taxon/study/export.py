@@ -32,7 +32,7 @@ def experiment_record(store: Store, study: str, name: str) -> dict:
                        "mixture": row.get("figures", {}).get("mixture"), "checkpoint": row.get("path")})
         stage_res.append({"stage_id": sid, **{k: v for k, v in (store.stage_resources(sid) or {}).items()
                                               if k not in ("stage_id", "created")}})
-    results = store.results(exp["model_key"])
+    results = store.experiment_results(exp)
     eval_res = {r["eval_key"]: r for r in store.eval_resources(exp["model_key"])}
     evaluation = {
         r["task"]: {"eval_key": r["eval_key"], "n": r["n"], "n_total": r["n_total"],
@@ -50,7 +50,7 @@ def experiment_record(store: Store, study: str, name: str) -> dict:
         values = [r.get("peak_memory_mb") for r in rows if r.get("peak_memory_mb") is not None]
         return max(values) if values else None
 
-    runs = store.runs()
+    run = store.run(exp.get("run_id"))
     last = max([exp["created"]] + [r["created"] for r in results])
     return {
         "experiment_id": f"{study}/{name}",
@@ -70,7 +70,8 @@ def experiment_record(store: Store, study: str, name: str) -> dict:
             "evaluation": {"wall_seconds": total(eval_rows, "wall_seconds"),
                            "tokens": total(eval_rows, "tokens"), "peak_memory_mb": peak(eval_rows),
                            "tasks": eval_rows},
-            "environment": runs[-1]["environment"] if runs else None,
+            # the environment of the run that recorded this experiment, not of the store's last run
+            "environment": run["environment"] if run else None,
         },
         "notes": [
             "metrics are point values with 95% bootstrap intervals (low, high); every number can be "

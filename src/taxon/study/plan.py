@@ -1,7 +1,8 @@
 """Expand a study into experiments and content-addressed stages.
 
-A stage's identity is the hash of its canonical spec and its parent's identity (a model name or
-the parent stage's id), so experiments that begin with the same stages share their checkpoints.
+A stage's identity is the hash of its canonical spec and its parent's identity (the model's
+identity or the parent stage's id, `taxon.identity`), so experiments that begin with the same
+stages share their checkpoints.
 wsd stages that differ only in length share a trunk (`study/wsd.py`); each planned stage's
 `kind` and `note` say which rule made it.
 """
@@ -11,19 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from taxon.config import EvalSpec, StageSpec, StudySpec, digest
-from taxon.evals.tasks import TaskSpec
+from taxon.config import StageSpec, StudySpec
+from taxon.identity import eval_key, model_identity, stage_id
 from taxon.settings import cache_dir
 from taxon.study import wsd
 
-# Bump when a change to training code makes the same spec produce a different checkpoint.
-RECIPE_VERSION = "1"
+__all__ = ["PlannedExperiment", "PlannedStage", "eval_key", "plan", "stage_id", "unique_stages"]
 
 
 @dataclass(frozen=True)
 class PlannedStage:
     id: str
-    parent: str  # parent stage id, or "model:<name>"
+    parent: str  # parent stage id, or the model's identity
     spec: StageSpec  # spec.steps: the steps this stage trains (a wsd segment's own length)
     kind: str = "run"  # "run": a whole run; "trunk" / "cooldown": a segment of a shared wsd run
     note: str = ""  # e.g. "wsd trunk 0→9000 (shared by 3 of 3 durations)", "own run (cosine)"
@@ -38,11 +38,12 @@ class PlannedExperiment:
     name: str
     model: str
     stages: tuple[PlannedStage, ...]
+    root: str  # identity of `model` (taxon.identity.model_identity)
 
     @property
     def model_key(self) -> str:
         """Identity of the model that gets evaluated."""
-        return self.stages[-1].id if self.stages else f"model:{self.model}"
+        return self.stages[-1].id if self.stages else self.root
 
     @property
     def location(self) -> str:
@@ -50,13 +51,11 @@ class PlannedExperiment:
         return str(self.stages[-1].path) if self.stages else self.model
 
 
-def stage_id(parent: str, spec: StageSpec) -> str:
-    return digest(RECIPE_VERSION, parent, spec.canonical())
-
-
 def plan(study: StudySpec) -> list[PlannedExperiment]:
     models = [exp.model or study.model for exp in study.experiments]
-    parents = [f"model:{m}" for m in models]
+    identities = {m: model_identity(m) for m in dict.fromkeys(models)}
+    roots = [identities[m] for m in models]
+    parents = list(roots)
     chains: list[list[PlannedStage]] = [[] for _ in study.experiments]
     # Level by level, since a stage's family (for wsd branching) depends on its parent's id.
     for level in range(max((len(e.stages) for e in study.experiments), default=0)):
@@ -67,13 +66,8 @@ def plan(study: StudySpec) -> list[PlannedExperiment]:
                 sid = stage_id(parents[i], step.spec)
                 chains[i].append(PlannedStage(sid, parents[i], step.spec, step.kind, step.note))
                 parents[i] = sid
-    return [PlannedExperiment(exp.name, model, tuple(stages))
-            for exp, model, stages in zip(study.experiments, models, chains, strict=True)]
-
-
-def eval_key(task: TaskSpec, spec: EvalSpec) -> str:
-    """Identity of one evaluation: the task definition and everything that changes its numbers."""
-    return digest(task.canonical(), str(spec.shots), str(spec.limit), str(spec.seed), spec.precision)
+    return [PlannedExperiment(exp.name, model, tuple(stages), root)
+            for exp, model, stages, root in zip(study.experiments, models, chains, roots, strict=True)]
 
 
 def unique_stages(experiments: list[PlannedExperiment]) -> list[PlannedStage]:

@@ -20,14 +20,14 @@ from pathlib import Path
 
 from rich.console import Console
 
-from taxon.config import EvalSpec, StudySpec
+from taxon.config import EvalSpec, ExperimentSpec, StageSpec, StudySpec
 from taxon.evals.tasks import get_task, missing_data, parse_task_list
-from taxon.models import STAGE_META
-from taxon.study import tracking
+from taxon.models import STAGE_META, copy_checkpoint
+from taxon.study import tracking, validate
 from taxon.study.environment import environment
 from taxon.study.executors import Sequential
 from taxon.study.locks import FileLock, lock_for
-from taxon.study.plan import PlannedExperiment, PlannedStage, eval_key, plan, unique_stages
+from taxon.study.plan import PlannedExperiment, PlannedStage, eval_key, unique_stages
 from taxon.study.store import Store
 from taxon.study.work import evaluate_job, train_job
 
@@ -44,6 +44,7 @@ class _Ctx:
     report_to: tuple[str, ...]
     launcher: str | None = None
     figures: dict = field(default_factory=dict)  # stage id -> training figures (for eval rows)
+    train_options: dict = field(default_factory=dict)  # save_steps, save_total_limit (main.py)
 
 
 def clear_incomplete(stage: PlannedStage) -> list[Path]:
@@ -84,7 +85,9 @@ class StageJob:
                           f"{self.stage.spec.objective}, {self.stage.spec.steps} steps"
                           + (f", {self.stage.note}" if self.stage.kind != "run" else ""))
         return train_job, (self.stage.spec, self.base, str(self.stage.path), self.label,
-                           ctx.report_to, f"{self.label} [{self.stage.id}]", ctx.launcher)
+                           ctx.report_to, f"{self.label} [{self.stage.id}]", ctx.launcher,
+                           self.stage.id, ctx.train_options.get("save_steps"),
+                           ctx.train_options.get("save_total_limit"))
 
     def record(self, ctx: _Ctx, figures: dict | None) -> None:
         """`figures` from training just now, or None: the checkpoint was already there."""
@@ -141,6 +144,8 @@ class EvalJob:
 def runnable_tasks(spec: EvalSpec, console: Console | None = None) -> list:
     """The tasks of `spec`. `all` is the suite minus tasks whose data cannot be loaded here (each
     skip is printed); tasks named one by one must all load."""
+    if not spec.tasks:  # main.py --eval_tasks none, taxon train
+        return []
     tasks = parse_task_list(spec.tasks)
     if list(spec.tasks) != ["all"]:
         return tasks
@@ -224,57 +229,75 @@ def _drive(jobs: dict, ctx: _Ctx, executor, on_done) -> None:
 
 def run_study(study: StudySpec, store: Store, console: Console | None = None, executor=None,
               report_to: tuple[str, ...] = (), json_dir: Path | None = None,
-              launcher: str | None = None) -> list[PlannedExperiment]:
+              launcher: str | None = None, train_options: dict | None = None,
+              experiments: list[PlannedExperiment] | None = None) -> list[PlannedExperiment]:
+    """Validate the whole study (nothing trains if any experiment has a problem), then train and
+    evaluate what the store and the stage cache lack. `train_options`: save_steps and
+    save_total_limit for main.py's intermediate checkpoints."""
     console = console or Console()
     executor = executor or Sequential()
-    experiments = plan(study)
+    if experiments is None:
+        experiments = validate.checked_plan(study, for_run=True, console=console)
     n_stage_refs = sum(len(e.stages) for e in experiments)
     console.print(f"study [bold]{study.name}[/bold]: {len(experiments)} experiments, "
                   f"{len(unique_stages(experiments))} stages to train or reuse "
                   f"({n_stage_refs} without sharing); executor {executor.name}")
     jobs = build_jobs(study, experiments, console)
     ctx = _Ctx(study.name, store, console, uuid.uuid4().hex[:16], study.eval, tuple(report_to),
-               launcher)
+               launcher, train_options=dict(train_options or {}))
     store.start_run(ctx.run_id, study.name, executor.name, environment())
-    evals_left = {e.name: {k for k, j in jobs.items() if isinstance(j, EvalJob) and e.name in j.experiments}
-                  for e in experiments}
+    evals_of = {e.name: {k: j.eval_key for k, j in jobs.items()
+                         if isinstance(j, EvalJob) and e.name in j.experiments}
+                for e in experiments}
+    evals_left = {name: set(keys) for name, keys in evals_of.items()}
     specs = {e.name: e for e in study.experiments}
     by_name = {e.name: e for e in experiments}
     n_done = [0]
 
+    def finish(name: str) -> None:
+        """The experiment is complete: its row goes in last."""
+        exp = by_name[name]
+        store.add_experiment(study.name, name, exp.model, exp.model_key, [s.id for s in exp.stages],
+                             specs[name].model_dump(mode="json"), list(evals_of[name].values()),
+                             ctx.run_id)
+        if json_dir is not None:
+            from taxon.study.export import write_experiment_json
+
+            write_experiment_json(store, study.name, name, json_dir)
+
     def on_done(job) -> None:
         n_done[0] += 1
         console.print(f"[dim]{n_done[0]}/{len(jobs)} jobs done[/dim]")
-        for name in getattr(job, "experiments", ()):
+        if isinstance(job, StageJob):
+            return
+        for name in job.experiments:
             evals_left[name].discard(job.key)
-            if not evals_left[name]:  # the experiment is complete: its row goes in last
-                exp = by_name[name]
-                store.add_experiment(study.name, name, exp.model, exp.model_key,
-                                     [s.id for s in exp.stages], specs[name].model_dump(mode="json"))
-                if json_dir is not None:
-                    from taxon.study.export import write_experiment_json
-
-                    write_experiment_json(store, study.name, name, json_dir)
+            if not evals_left[name]:
+                finish(name)
 
     try:
         _drive(jobs, ctx, executor, on_done)
     finally:
         executor.shutdown()
+    for name, keys in evals_of.items():
+        if not keys:  # an experiment with no eval task (main.py --eval_tasks none)
+            finish(name)
     store.finish_run(ctx.run_id)
     return experiments
 
 
-def evaluate_model(location: str, model_key: str, spec: EvalSpec, store: Store,
-                   console: Console) -> None:
-    """Evaluate one model on every task of `spec` that the store does not hold yet."""
-    jobs = {}
-    for task in runnable_tasks(spec, console):
-        job = EvalJob(model_key, location, task.name, eval_key(task, spec), (location,), None, ())
-        jobs[job.key] = job
-    ctx = _Ctx("eval", store, console, uuid.uuid4().hex[:16], spec, ())
-    if all(j.done(ctx) for j in jobs.values()):
-        console.print("[dim]all results already stored[/dim]")
-        return
-    store.start_run(ctx.run_id, "eval", "sequential", environment())
-    _drive(jobs, ctx, Sequential(), lambda job: None)
-    store.finish_run(ctx.run_id)
+def run_single(study_name: str, name: str, model: str, stages: tuple[StageSpec, ...], spec: EvalSpec,
+               store: Path, console: Console, train_options: dict | None = None,
+               checkpoint_to: Path | None = None) -> tuple[PlannedExperiment, Store]:
+    """`main.py`, `taxon train` and `taxon eval`: one experiment run like any study: validated
+    before the store is opened or anything loads, stages from the content-addressed cache,
+    results keyed by the model's identity. `checkpoint_to`: also copy the last stage's
+    checkpoint there. Returns the experiment and the open store."""
+    study = StudySpec(name=study_name, model=model, seed=spec.seed, eval=spec,
+                      experiments=(ExperimentSpec(name=name, stages=stages),))
+    planned = validate.checked_plan(study, for_run=True, console=console)
+    opened = Store(store)
+    (exp,) = run_study(study, opened, console, train_options=train_options, experiments=planned)
+    if checkpoint_to is not None and exp.stages:
+        copy_checkpoint(exp.stages[-1].path, checkpoint_to)
+    return exp, opened

@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+from taxon.errors import TaxonError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stages (
@@ -53,6 +56,25 @@ CREATE TABLE IF NOT EXISTS events (
 STAGE_RESOURCES = ("wall_seconds", "train_seconds", "tokens", "tokens_per_s", "peak_memory_mb",
                    "total_params", "trainable_params")
 EVAL_RESOURCES = ("wall_seconds", "tokens", "peak_memory_mb", "total_params", "trainable_params")
+# Columns added to existing tables after the first release (ALTER TABLE on open): which eval keys
+# an experiment's own run asked for, and that run, so a report shows exactly its own results.
+ADDED_COLUMNS = {"experiments": (("eval_keys", "TEXT"), ("run_id", "TEXT"))}
+LOCK_TIMEOUT_S = 60
+
+
+def _problem(path: Path, e: sqlite3.Error) -> TaxonError:
+    """A store that cannot be used, as one line naming the fix."""
+    msg = str(e)
+    if "locked" in msg or "busy" in msg:
+        fix = (f"another process held it for over {LOCK_TIMEOUT_S} s; wait for it to finish or "
+               "use another --store")
+    elif "readonly" in msg or "read-only" in msg:
+        fix = "it is read-only; make it writable or pass another --store"
+    elif "not a database" in msg or "malformed" in msg:
+        fix = "it is not a taxon results store; pass another --store (a new file is created)"
+    else:
+        fix = "pass another --store"
+    return TaxonError(f"results store {path}: {msg}; {fix}")
 
 
 def _from_json(value):
@@ -63,21 +85,46 @@ def _from_json(value):
 class Store:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, timeout=60)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
+        if self.path.is_dir():
+            raise TaxonError(f"results store {self.path} is a folder; pass a file path such as "
+                             f"{self.path / 'results.sqlite'}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TaxonError(f"cannot create the folder of results store {self.path} ({e.strerror}); "
+                             "pass another --store") from e
+        try:
+            self.db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            for table, columns in ADDED_COLUMNS.items():
+                have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns:
+                    if name not in have:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+            self.db.commit()
+        except sqlite3.Error as e:
+            raise _problem(self.path, e) from e
 
     def close(self) -> None:
         self.db.close()
+
+    @contextmanager
+    def _write(self):
+        """One transaction; a store problem (locked past the timeout, read-only) is one line."""
+        try:
+            with self.db:
+                yield
+        except sqlite3.OperationalError as e:
+            raise _problem(self.path, e) from e
 
     def add_stage(self, stage_id: str, parent: str, spec: dict, path: str, figures: dict,
                   run_id: str | None = None, trained: bool = False) -> None:
         """The stage row, its resources (from the training figures) and a `train` or `reuse`
         event, in one transaction. A reused stage keeps the resources of the run that trained it."""
         now = time.time()
-        with self.db:
+        with self._write():
             self.db.execute(
                 "INSERT OR REPLACE INTO stages VALUES (?,?,?,?,?,?)",
                 (stage_id, parent, json.dumps(spec), path, json.dumps(figures), now),
@@ -92,12 +139,12 @@ class Store:
                             (run_id, "train" if trained else "reuse", stage_id, now))
 
     def start_run(self, run_id: str, study: str, executor: str, environment: dict) -> None:
-        with self.db:
+        with self._write():
             self.db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?)",
                             (run_id, study, time.time(), None, executor, json.dumps(environment)))
 
     def finish_run(self, run_id: str) -> None:
-        with self.db:
+        with self._write():
             self.db.execute("UPDATE runs SET finished=? WHERE id=?", (time.time(), run_id))
 
     def runs(self) -> list[dict]:
@@ -122,16 +169,41 @@ class Store:
         return None if row is None else {**dict(row), "figures": json.loads(row["figures"])}
 
     def add_experiment(self, study: str, name: str, model: str, model_key: str,
-                       stages: list[str], spec: dict) -> None:
-        with self.db:
+                       stages: list[str], spec: dict, eval_keys: list[str] | None = None,
+                       run_id: str | None = None) -> None:
+        """The experiment's row, written last: `eval_keys` are the evaluations its run asked for
+        (its report shows those results and no others), `run_id` the run that recorded it."""
+        with self._write():
             self.db.execute(
-                "INSERT OR REPLACE INTO experiments VALUES (?,?,?,?,?,?,?)",
-                (study, name, model, model_key, json.dumps(stages), json.dumps(spec), time.time()),
+                "INSERT OR REPLACE INTO experiments (study, name, model, model_key, stages, spec, "
+                "created, eval_keys, run_id) VALUES (?,?,?,?,?,?,?,?,?)",
+                (study, name, model, model_key, json.dumps(stages), json.dumps(spec), time.time(),
+                 None if eval_keys is None else json.dumps(sorted(eval_keys)), run_id),
             )
 
     def experiments(self, study: str | None = None) -> list[dict]:
         q = "SELECT * FROM experiments" + (" WHERE study=?" if study else "") + " ORDER BY created"
         return [dict(r) for r in self.db.execute(q, (study,) if study else ())]
+
+    def experiment_results(self, exp: dict) -> list[dict]:
+        """The results an experiment's own run recorded: its model, and only the evaluations
+        (task, shots, limit, seed, precision) that run asked for."""
+        rows = self.results(exp["model_key"])
+        if exp.get("eval_keys") is None:  # a row written before experiments kept their eval keys
+            return rows
+        wanted = set(json.loads(exp["eval_keys"]))
+        return [r for r in rows if r["eval_key"] in wanted]
+
+    def run(self, run_id: str | None) -> dict | None:
+        row = None if run_id is None else self.db.execute("SELECT * FROM runs WHERE id=?",
+                                                          (run_id,)).fetchone()
+        return None if row is None else {**dict(row), "environment": json.loads(row["environment"])}
+
+    def result_run(self, model_key: str, eval_key: str) -> dict | None:
+        """The run that evaluated this result (its environment: machine, packages)."""
+        row = self.db.execute("SELECT run_id FROM eval_resources WHERE model_key=? AND eval_key=?",
+                              (model_key, eval_key)).fetchone()
+        return None if row is None else self.run(row["run_id"])
 
     def has_result(self, model_key: str, eval_key: str) -> bool:
         q = "SELECT 1 FROM results WHERE model_key=? AND eval_key=?"
@@ -142,7 +214,7 @@ class Store:
         """A task's metrics, all its per-example predictions, its resources and an `evaluate`
         event, in one transaction."""
         resources = resources or {"wall_seconds": result.seconds}
-        with self.db:
+        with self._write():
             self.db.execute(
                 "INSERT OR REPLACE INTO eval_resources VALUES (?,?,?,?,?,?,?,?,?)",
                 (model_key, eval_key, run_id, *(resources.get(k) for k in EVAL_RESOURCES),

@@ -15,19 +15,22 @@ _loaded: tuple[str, object, object] | None = None
 
 
 def train_job(spec: StageSpec, base: str, out: str, desc: str, report_to: tuple[str, ...] = (),
-              run_name: str | None = None, launcher: str | None = None) -> dict:
+              run_name: str | None = None, launcher: str | None = None, stage_id: str | None = None,
+              save_steps: int | None = None, save_total_limit: int | None = None) -> dict:
     """Train a stage into `out` (written atomically); the training figures. With `launcher`
-    (e.g. "accelerate launch --multi_gpu --num_processes 4") the stage runs in that command."""
+    (e.g. "accelerate launch --multi_gpu --num_processes 4") the stage runs in that command.
+    `save_steps`: also keep intermediate checkpoints (out/checkpoint-N)."""
     from taxon.study import tracking
     from taxon.train import train_stage
 
     if launcher:
         from taxon.study.launch import launch_stage
 
-        return launch_stage(launcher, spec, base, out, desc, report_to, run_name)
+        return launch_stage(launcher, spec, base, out, desc, report_to, run_name, stage_id)
     try:
         return train_stage(spec, base, Path(out), desc=desc, report_to=list(report_to) or "none",
-                           run_name=run_name)
+                           run_name=run_name, stage_id=stage_id, save_steps=save_steps,
+                           save_total_limit=save_total_limit)
     finally:
         tracking.close_training_runs(report_to)
 
@@ -37,7 +40,7 @@ def evaluate_job(location: str, task_name: str, spec: EvalSpec) -> tuple:
     global _loaded
     from taxon.evals.evaluate import evaluate_task
     from taxon.evals.tasks import get_task
-    from taxon.train import use_bf16
+    from taxon.models import use_bf16
 
     t0 = time.time()
     if _loaded is None or _loaded[0] != location:

@@ -1,0 +1,122 @@
+"""Everything a study names, checked before anything trains: every model, dataset, config, split
+and eval task of every experiment. All problems are reported at once, each naming its experiment
+and stage, so a typo in the last experiment costs seconds, not the hours the first ones train.
+
+`study plan` reports data that is not available on this machine as a note (the plan is still
+useful); `study run` (and `main.py`, `taxon train`, `taxon eval`, which run one-experiment studies)
+refuses it, since the stage or evaluation that needs it would fail half-way through the study.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.console import Console
+
+from taxon import hub
+from taxon.config import DataRef, StudySpec
+from taxon.data.cards import get_card
+from taxon.data.sources import mirror_file
+from taxon.errors import TaxonError
+from taxon.evals.tasks import held_out_splits, missing_data, parse_task_list
+from taxon.identity import model_identity
+from taxon.models import resolve
+from taxon.study.plan import PlannedExperiment, plan
+
+SHOWN = 3  # experiments named per problem shared by many
+
+
+def _data_problem(ref: DataRef) -> tuple[str | None, str | None]:
+    """(error, unavailable): what is wrong with one dataset reference, and whether its rows cannot
+    be loaded on this machine."""
+    card = get_card(ref.dataset)
+    config = card.resolve_config(ref.config)
+    card = card.for_config(config)
+    splits = card.available_splits()
+    if ref.split not in splits:
+        return (f"dataset '{card.id}' config '{config}' has no split '{ref.split}'; choose one of: "
+                f"{', '.join(splits)}"), None
+    if ref.split == "test" or ref.split in held_out_splits(ref.dataset):
+        return (f"dataset '{card.id}' split '{ref.split}' is scored by an eval task; train on a "
+                "train split so no test item reaches training"), None
+    source = card.carve.source if card.carve and ref.split in (card.carve.train, card.carve.test) \
+        else ref.split
+    if mirror_file(card, config, source) is None and not hub.reachable():
+        return None, (f"dataset '{card.id}' ({config}/{source}) is neither in the mirror nor on a "
+                      "reachable Hub; set TAXON_DATA_DIR to a mirror that has it, or connect")
+    return None, None
+
+
+def _model_problem(name: str) -> tuple[str | None, str | None]:
+    model_identity(name)  # an unknown alias, or a folder without weights, raises
+    r = resolve(name)
+    if r.source != "hub" or hub.reachable():
+        return None, None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(r.location, "config.json"), str):
+        return None, None
+    return None, (f"model '{name}' ({r.location}) is not in the local Hugging Face cache and the Hub "
+                  "is unreachable; connect, or pass a local folder")
+
+
+def _collect(study: StudySpec, for_run: bool) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """problem -> experiments it concerns, for errors and for notes (unavailable data)."""
+    errors: dict[str, list[str]] = {}
+    notes: dict[str, list[str]] = {}
+
+    def check(where: str, fn: Callable[[], tuple[str | None, str | None] | None]) -> None:
+        try:
+            error, note = fn() or (None, None)
+        except TaxonError as e:
+            error, note = str(e), None
+        if error:
+            errors.setdefault(error, []).append(where)
+        if note:
+            (errors if for_run else notes).setdefault(note, []).append(where)
+
+    models: dict[str, list[str]] = {}
+    for exp in study.experiments:
+        models.setdefault(exp.model or study.model, []).append(f"experiment '{exp.name}'")
+        for j, stage in enumerate(exp.stages, 1):
+            where = f"experiment '{exp.name}' stage {j}"
+            for ref in (*stage.data, *([stage.replay] if stage.replay else [])):
+                check(where, lambda ref=ref: _data_problem(ref))
+    for name, wheres in models.items():
+        for where in wheres:
+            check(where, lambda name=name: _model_problem(name))
+    for name in study.eval.tasks if list(study.eval.tasks) != ["all"] else ():
+        check("eval", lambda name=name: (None, _task_unavailable(name)))
+    return errors, notes
+
+
+def _task_unavailable(name: str) -> str | None:
+    (task,) = parse_task_list([name])  # an unknown task raises
+    reason = missing_data(task)
+    return None if reason is None else (f"eval task '{task.name}': {reason}; set TAXON_DATA_DIR to a "
+                                        "mirror that has it, or leave the task out")
+
+
+def _lines(found: dict[str, list[str]]) -> list[str]:
+    out = []
+    for problem, wheres in found.items():
+        wheres = list(dict.fromkeys(wheres))
+        more = f" and {len(wheres) - SHOWN} more" if len(wheres) > SHOWN else ""
+        out.append(f"{', '.join(wheres[:SHOWN])}{more}: {problem}")
+    return out
+
+
+def checked_plan(study: StudySpec, for_run: bool, console: Console | None = None) -> list[PlannedExperiment]:
+    """The study's plan once every experiment checks out; otherwise a TaxonError listing every
+    problem (one line each), before anything is loaded or trained."""
+    errors, notes = _collect(study, for_run)
+    if errors:
+        lines = _lines(errors)
+        if len(lines) == 1:
+            raise TaxonError(f"study '{study.name}', {lines[0]}")
+        head = f"study '{study.name}' has {len(lines)} problems; nothing was loaded or trained:"
+        raise TaxonError("\n".join([head, *(f"  {line}" for line in lines)]))
+    if console is not None:
+        for line in _lines(notes):
+            console.print(f"[yellow]not available here[/yellow]: {line}", highlight=False)
+    return plan(study)
