@@ -59,6 +59,7 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 TRAIN = ["train", "--model", "tiny", "--dataset", "fpb", "--output", "out", "--steps", "2"]
 MAIN = ["--model", "tiny", "--dataset", "takala/financial_phrasebank", "--max_steps", "2"]
 
@@ -90,6 +91,9 @@ BAD = [
     (main_py, [*MAIN, "--eval_tasks", "fpb,nosuch"], "unknown eval task 'nosuch'"),
     (main_py, ["--model", "tiny", "--dataset", "tfns", "--eval_limit", "-3"], "limit"),
     (main_py, ["--model", "tiny", "--max_steps", "abc"], "invalid int value"),
+    (taxon, ["study", "plan", str(QUICKSTART), "--mfu", "0"], "--mfu 0.0"),
+    (taxon, ["study", "run", str(QUICKSTART), "--workers", "0"], "--workers 0"),
+    (taxon, ["data", "show", "fpb", "-n", "0"], "-n 0"),
 ]
 
 

@@ -27,6 +27,14 @@ DEFAULT_STORE = Path("results/taxon.sqlite")
 StoreOpt = Annotated[Path, typer.Option("--store", help="SQLite results file.")]
 
 
+def at_least(value, low, flag: str, strict: bool = False):
+    """A numeric option out of range is one line naming the flag (typer's own range errors print
+    a usage box instead)."""
+    if value is not None and (value <= low if strict else value < low):
+        raise TaxonError(f"{flag} {value}: must be {'above' if strict else 'at least'} {low}")
+    return value
+
+
 @app.callback()
 def _global(
     data_dir: Annotated[Path | None, typer.Option(
@@ -83,6 +91,7 @@ def data_show(
     from taxon.data.cards import get_card
     from taxon.data.sources import load_rows
 
+    at_least(n, 1, "-n")
     card = get_card(dataset).for_config(config)
     rows = load_rows(dataset, config, split, limit=n)
     console.print(f"[bold]{card.id}[/bold] ({card.config}, {split}): "
@@ -108,6 +117,7 @@ def data_check(
     fields, label range, templates on every row checked, empty texts, train/test overlap."""
     from taxon.data import check
 
+    at_least(limit, 1, "--limit")
     results = check.run(datasets or [], config, limit)
     console.print(check.table(results), highlight=False)
     for line in check.report_lines(results):
@@ -224,6 +234,9 @@ def study_plan(
     from taxon.study.plan_report import print_plan
     from taxon.study.validate import checked_plan
 
+    at_least(mfu, 0, "--mfu", strict=True)
+    if mfu > 1:
+        raise TaxonError(f"--mfu {mfu}: a utilisation is a share of the peak, at most 1")
     study = load_study(file)
     print_plan(study, checked_plan(study, for_run=False, console=console), console, gpu=gpu, mfu=mfu,
                tree=tree)
@@ -262,8 +275,8 @@ def study_run(
 
     study = load_study(file)
     tracking.check(tuple(report_to or ()))
-    if workers < 1:
-        raise TaxonError(f"--workers {workers}: give at least 1")
+    at_least(workers, 1, "--workers")
+    at_least(gpus, 0, "--gpus")
     experiments = checked_plan(study, for_run=True, console=console)  # before anything is written
     s = Store(store or Path("results") / f"{study.name}.sqlite")
     tracking.setup(tuple(report_to or ()), study.name, Path("results") / study.name)
