@@ -20,10 +20,9 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from taxon import adapters, padding_free, schedule
+from taxon import adapters, padding_free, resources, schedule
 from taxon.config import StageSpec
 from taxon.data import mixture, render
-from taxon.evals import efficiency
 from taxon.evals.tasks import held_out_splits
 from taxon.models import STAGE_META, atomic_save, load_model, use_bf16
 
@@ -115,7 +114,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
     t0 = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    efficiency.reset_peak_memory(device)  # the stage's own peak, as evaluations measure theirs
+    resources.reset_peak_memory(device)  # the stage's own peak, as evaluations measure theirs
     base, resume = schedule.resume_point(stage, base)
     if stage.adapter == "continue":
         model, tokenizer, root = adapters.continue_adapter(stage, base)
@@ -196,7 +195,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         "train_seconds": train_s,
         "train_cpu_seconds": cpu_s,  # steadier than wall time when other work shares the CPU
         "wall_seconds": time.time() - t0,
-        "peak_memory_mb": efficiency.peak_memory_mb(device),
+        "peak_memory_mb": resources.peak_memory_mb(device),
         "trainable_params": trainable,
         "total_params": total,
         "bf16": bf16,

@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from taxon import resources
 from taxon.data import render
 from taxon.data.cards import get_card
 from taxon.data.mixture import encode_pair
 from taxon.data.sources import load_rows
-from taxon.evals import efficiency, execution, items, ner, subsets
+from taxon.evals import execution, items, ner, subsets
 from taxon.evals.generation import extract, generate, prompt_budget
 from taxon.evals.metrics import classification_report, generation_report, generation_scores, perplexity_report
 from taxon.evals.scoring import loglikelihoods
@@ -56,10 +57,10 @@ def evaluate_task(
 ) -> TaskResult:
     """Evaluate `task`; `limit`: a seeded subsample of the test rows (of the windows, for
     perplexity). Every prediction is kept with its index in the split. `trainable_params`: what
-    training updated, when the caller knows (see `efficiency.parameters`)."""
+    training updated, when the caller knows (see `resources.parameters`)."""
     t0 = time.time()
     device = next(model.parameters()).device
-    memory = efficiency.reset_peak_memory(device)
+    memory = resources.reset_peak_memory(device)
     shots = task.shots if shots is None else shots
     run = {"multiple_choice": _multiple_choice, "generate": _generate, "perplexity": _perplexity}
     r = run[task.output](model, tokenizer, task, shots=shots, limit=limit, seed=seed,
@@ -72,8 +73,8 @@ def evaluate_task(
         **r.metrics.get("efficiency", {}), "seconds": r.seconds,
         "tokens_per_s": tokens / r.seconds if r.seconds else None,
         "items_per_s": r.n / r.seconds if r.seconds else None,
-        "peak_memory_mb": efficiency.peak_memory_mb(device), "peak_memory_kind": memory,
-        **efficiency.parameters(model, trainable_params),
+        "peak_memory_mb": resources.peak_memory_mb(device), "peak_memory_kind": memory,
+        **resources.parameters(model, trainable_params),
     }
     return r
 

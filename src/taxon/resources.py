@@ -1,4 +1,5 @@
-"""What an evaluation cost: tokens and items per second, peak memory, parameter counts.
+"""What a run costs, measured the same way for training and evaluation: peak memory, parameter
+counts (tokens and items per second are computed by the callers).
 
 Peak memory is measured over the task alone: on CUDA the allocator's peak since a reset; on CPU
 the process's peak resident set since the kernel's high-water mark was reset (Linux
