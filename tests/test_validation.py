@@ -93,6 +93,7 @@ BAD = [
     (main_py, ["--model", "tiny", "--max_steps", "abc"], "invalid int value"),
     (taxon, ["study", "plan", str(QUICKSTART), "--mfu", "0"], "--mfu 0.0"),
     (taxon, ["study", "run", str(QUICKSTART), "--workers", "0"], "--workers 0"),
+    (taxon, ["study", "run", str(QUICKSTART), "--address", "h:1"], "--address is for --executor ray"),
     (taxon, ["data", "show", "fpb", "-n", "0"], "-n 0"),
 ]
 

@@ -275,8 +275,7 @@ def study_run(
 
     study = load_study(file)
     tracking.check(tuple(report_to or ()))
-    at_least(workers, 1, "--workers")
-    at_least(gpus, 0, "--gpus")
+    executors.check(executor, workers, address, gpus)
     experiments = checked_plan(study, for_run=True, console=console)  # before anything is written
     s = Store(store or Path("results") / f"{study.name}.sqlite")
     tracking.setup(tuple(report_to or ()), study.name, Path("results") / study.name)

@@ -146,13 +146,21 @@ class Ray:
         self.ray.shutdown()
 
 
-def make(executor: str, workers: int = 1, address: str | None = None, gpus: float | None = None):
-    if executor == "ray":
-        return Ray(address, workers if workers > 1 else None, gpus)
-    if address is not None:
-        raise TaxonError("--address is for --executor ray; drop it or add --executor ray")
-    if executor != "local":
+def check(executor: str, workers: int = 1, address: str | None = None,
+          gpus: float | None = None) -> None:
+    """The executor options, checked before anything is written or started."""
+    if executor not in ("local", "ray"):
         raise TaxonError(f"unknown executor '{executor}': use local or ray")
+    if executor == "local" and address is not None:
+        raise TaxonError("--address is for --executor ray; drop it or add --executor ray")
     if workers < 1:
         raise TaxonError(f"--workers {workers}: give 1 or more")
+    if gpus is not None and gpus < 0:
+        raise TaxonError(f"--gpus {gpus}: give 0 or more")
+
+
+def make(executor: str, workers: int = 1, address: str | None = None, gpus: float | None = None):
+    check(executor, workers, address, gpus)
+    if executor == "ray":
+        return Ray(address, workers if workers > 1 else None, gpus)
     return Sequential() if workers == 1 else LocalPool(workers)

@@ -295,7 +295,7 @@ def run_single(study_name: str, name: str, model: str, stages: tuple[StageSpec, 
     checkpoint there. Returns the experiment and the open store."""
     study = StudySpec(name=study_name, model=model, seed=spec.seed, eval=spec,
                       experiments=(ExperimentSpec(name=name, stages=stages),))
-    planned = validate.checked_plan(study, for_run=True, console=console)
+    planned = validate.checked_plan(study, for_run=True, console=console, single=True)
     opened = Store(store)
     (exp,) = run_study(study, opened, console, train_options=train_options, experiments=planned)
     if checkpoint_to is not None and exp.stages:

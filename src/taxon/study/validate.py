@@ -106,10 +106,14 @@ def _lines(found: dict[str, list[str]]) -> list[str]:
     return out
 
 
-def checked_plan(study: StudySpec, for_run: bool, console: Console | None = None) -> list[PlannedExperiment]:
+def checked_plan(study: StudySpec, for_run: bool, console: Console | None = None,
+                 single: bool = False) -> list[PlannedExperiment]:
     """The study's plan once every experiment checks out; otherwise a TaxonError listing every
-    problem (one line each), before anything is loaded or trained."""
+    problem (one line each), before anything is loaded or trained. `single`: a one-experiment
+    study from a command line, whose problems need no experiment or stage named."""
     errors, notes = _collect(study, for_run)
+    if errors and single:
+        raise TaxonError("\n".join(errors))
     if errors:
         lines = _lines(errors)
         if len(lines) == 1:
