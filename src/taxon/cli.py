@@ -137,6 +137,7 @@ def train(
 ) -> None:
     """Train one stage and write a checkpoint that `eval` and later stages can load."""
     from taxon.config import StageSpec, parse
+    from taxon.models import resolve_targets
     from taxon.train import train_stage
 
     configs = config or [None] * len(dataset)
@@ -152,7 +153,7 @@ def train(
         "data": [{"dataset": d, "config": c, "rate": r}
                  for d, c, r in zip(dataset, configs, rates, strict=True)],
     }, "command line")
-    figures = train_stage(spec, model, output)  # type: ignore[arg-type]
+    figures = train_stage(resolve_targets(spec, model), model, output)  # type: ignore[arg-type]
     console.print(f"wrote {output}: loss {figures['final_loss']:.3f}, "
                   f"{figures['tokens']} tokens at {figures['tokens_per_s']:.0f} tokens/s, "
                   f"packing efficiency {figures['packing_efficiency']:.1%}")

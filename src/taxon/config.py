@@ -52,7 +52,9 @@ class LoraSpec(Spec):
     r: int = Field(16, ge=1)
     alpha: int | float = Field(32, gt=0)  # a float where alpha/r ratios need one (r=1, ratio 0.5)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # None: the model architecture's attention projections (architectures.yaml), filled in by
+    # models.resolve_targets before the stage is hashed or trained.
+    target_modules: tuple[str, ...] | None = None
 
 
 class WsdSegment(Spec):

@@ -130,6 +130,7 @@ def plan_run(args: argparse.Namespace) -> Run:
     """Turn parsed flags into a stage spec and an evaluation, refusing bad input in one line."""
     from taxon.config import StageSpec, parse
     from taxon.evals.tasks import parse_task_list
+    from taxon.models import resolve_targets
 
     n = len(args.datasets)
     configs = [None if c in (None, "None", "none", "") else c
@@ -158,6 +159,7 @@ def plan_run(args: argparse.Namespace) -> Run:
             "data": [{"dataset": d, "config": c, "rate": rt, "as": u}
                      for d, c, rt, u in zip(args.datasets, configs, rates, uses, strict=True)],
         }, "command line")
+        stage = resolve_targets(stage, model)
     out = None
     if stage is not None:
         out = args.output_dir or default_output_dir(args.model, args.datasets, configs, args.mode)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from taxon.config import EvalSpec, StageSpec, StudySpec, digest
 from taxon.evals.tasks import TaskSpec
+from taxon.models import resolve_targets
 from taxon.settings import cache_dir
 from taxon.study import wsd
 
@@ -57,11 +58,14 @@ def stage_id(parent: str, spec: StageSpec) -> str:
 def plan(study: StudySpec) -> list[PlannedExperiment]:
     models = [exp.model or study.model for exp in study.experiments]
     parents = [f"model:{m}" for m in models]
+    # LoRA targets from each chain's model, before anything is hashed: the ids name what trains.
+    specs = [[resolve_targets(s, m) for s in exp.stages] for exp, m in zip(study.experiments, models,
+                                                                           strict=True)]
     chains: list[list[PlannedStage]] = [[] for _ in study.experiments]
     # Level by level, since a stage's family (for wsd branching) depends on its parent's id.
-    for level in range(max((len(e.stages) for e in study.experiments), default=0)):
-        at = [i for i, e in enumerate(study.experiments) if level < len(e.stages)]
-        expanded = wsd.expand([(parents[i], study.experiments[i].stages[level]) for i in at])
+    for level in range(max((len(s) for s in specs), default=0)):
+        at = [i for i, s in enumerate(specs) if level < len(s)]
+        expanded = wsd.expand([(parents[i], specs[i][level]) for i in at])
         for i, steps in zip(at, expanded, strict=True):
             for step in steps:
                 sid = stage_id(parents[i], step.spec)
