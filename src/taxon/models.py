@@ -153,6 +153,8 @@ def _build_tiny(alias: str, entry: dict) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(prepare(entry["tokenizer_from"]))
+    for key, value in (entry.get("tokenizer") or {}).items():  # e.g. GPT-2's: no chat template
+        setattr(tokenizer, key, value)
     cfg = dict(entry["tiny"])
     config = AutoConfig.for_model(
         cfg.pop("model_type"),
