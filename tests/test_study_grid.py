@@ -119,8 +119,9 @@ def test_plan_takes_lora_targets_from_the_architecture_unless_given(tmp_path):
     qwen = experiments["direct_finetuning[qwen2-0.5b,task=fpb,seed=1]"].stages[0].spec
     assert gpt2.lora.target_modules == ("attn.c_attn", "attn.c_proj")
     assert qwen.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj")
-    explicit = load_study(write(tmp_path, GRID.replace("    lora_r: [1, 16]\n",
-                                                       "    lora_r: [1, 16]\n    lora_targets: [q_proj]\n")))
+    # A list is an axis: one value that is itself a list of targets
+    given = GRID.replace("    lora_r: [1, 16]\n", "    lora_r: [1, 16]\n    lora_targets: [[q_proj]]\n")
+    explicit = load_study(write(tmp_path, given))
     (chosen,) = [e for e in plan(explicit) if e.name == "lora[lora_r=1,lora_alpha_ratio=0.5]"]
     assert chosen.stages[0].spec.lora.target_modules == ("q_proj",)  # a given value wins
 
