@@ -31,10 +31,7 @@ import torch  # noqa: E402
 from taxon import padding_free  # noqa: E402
 from taxon.config import DataRef, StageSpec  # noqa: E402
 from taxon.data import mixture, render  # noqa: E402
-from taxon.models import (
-    load_model,  # noqa: E402
-    use_bf16,  # noqa: E402
-)
+from taxon.models import load_model, resolve_targets, use_bf16  # noqa: E402
 from taxon.padding_free import TokenCounter  # noqa: E402
 from taxon.train import train_stage  # noqa: E402
 
@@ -144,7 +141,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     for model_name in opts.models:
         for case in opts.cases:
-            stage = stages(opts.steps)[case]
+            stage = resolve_targets(stages(opts.steps)[case], model_name)
             print(f"\n{model_name} / {case}: {stage.steps} steps x {stage.batch_size} "
                   f"{'examples' if stage.objective == 'sft' else 'blocks'}, max_length {stage.max_length}",
                   flush=True)

@@ -7,7 +7,7 @@ import json
 from taxon.config import DataRef, LoraSpec, StageSpec
 from taxon.evals.evaluate import evaluate_task
 from taxon.evals.tasks import get_task
-from taxon.models import STAGE_META, load_model
+from taxon.models import STAGE_META, load_model, resolve_targets
 from taxon.train import train_stage
 
 
@@ -15,7 +15,7 @@ def test_lora_sft_then_eval_on_smollm(tmp_path, data_dir):
     stage = StageSpec(objective="sft", data=(DataRef(dataset="fpb"),), steps=3, batch_size=4,
                       lr=5e-4, max_length=128, lora=LoraSpec(r=4, alpha=8))
     out = tmp_path / "ckpt"
-    figures = train_stage(stage, "smollm2-135m", out)
+    figures = train_stage(resolve_targets(stage, "smollm2-135m"), "smollm2-135m", out)
     meta = json.loads((out / STAGE_META).read_text())
     assert meta["lora"] and meta["base"] == "smollm2-135m"
     assert figures["tokens"] > 0 and figures["trainable_params"] < figures["total_params"] / 50

@@ -8,6 +8,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from taxon.config import DataRef, LoraSpec, StageSpec
 from taxon.data import mixture, render
+from taxon.models import resolve_targets
 from taxon.padding_free import TokenCounter, applies
 from taxon.train import train_stage
 
@@ -63,9 +64,10 @@ def test_token_counter_measures_padding(tiny_tokenizer, examples):
 
 def _stage(packing: bool) -> StageSpec:
     # fp32 so the two layouts can agree to rounding; accumulation checks the loss weighting.
-    return StageSpec(objective="sft", data=(FPB,), steps=3, batch_size=4, grad_accum=2, lr=5e-3,
+    spec = StageSpec(objective="sft", data=(FPB,), steps=3, batch_size=4, grad_accum=2, lr=5e-3,
                      warmup_ratio=0.0, max_length=128, lora=LoraSpec(r=4, alpha=8, dropout=0.0),
                      precision="fp32", packing=packing)
+    return resolve_targets(spec, "tiny")
 
 
 def test_padding_free_training_equals_padded_training(tmp_path, data_dir):

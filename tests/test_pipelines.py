@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from taxon.config import DataRef, LoraSpec, StageSpec, parse
 from taxon.data import mixture
 from taxon.errors import TaxonError
-from taxon.models import STAGE_META, load_model
+from taxon.models import STAGE_META, load_model, resolve_targets
 from taxon.train import train_stage
 
 WIKI = {"dataset": "wikitext", "config": "wikitext-2-v1", "split": "validation"}
@@ -42,7 +42,8 @@ def stage(objective, *data, **kw) -> StageSpec:
     # memory would differ from a reloaded fp32 model by bf16 rounding.
     base = {"steps": 2, "batch_size": 2, "lr": 5e-3, "warmup_ratio": 0.0, "max_length": 128,
             "lora": LORA, "precision": "fp32"}
-    return StageSpec(objective=objective, data=tuple(data), **{**base, **kw})
+    # Every chain here starts from `tiny`: LoRA targets from its architecture (q/k/v/o).
+    return resolve_targets(StageSpec(objective=objective, data=tuple(data), **{**base, **kw}), "tiny")
 
 
 # ---- mix_by ----------------------------------------------------------------------------------

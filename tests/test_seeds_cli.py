@@ -1,6 +1,7 @@
 """The seeds' command line: every command of issue 3 item 5, run through main.py's entry point on
-`tiny`, in a temporary folder (./checkpoints and results/ land there) over the mirror plus the
-Hub-schema fixtures for the datasets the mirror lacks (conftest's merged_data_dir)."""
+`tiny-gpt2` (GPT-2's shape and tokenizer behaviour, as the commands name gpt2), in a temporary
+folder (./checkpoints and results/ land there) over the mirror plus the Hub-schema fixtures for the
+datasets the mirror lacks (conftest's merged_data_dir)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ EXPECTED = [
 
 
 def verbatim(i: int) -> list[str]:
-    """Command i as the issue writes it, with `--model gpt2` -> `--model tiny`."""
+    """Command i as the issue writes it, with `--model gpt2` -> `--model tiny-gpt2`."""
     argv = shlex.split(COMMANDS[i])[2:]
-    return ["tiny" if a == "gpt2" else a for a in argv]
+    return ["tiny-gpt2" if a == "gpt2" else a for a in argv]
 
 
 def fast(i: int) -> list[str]:
@@ -138,8 +139,8 @@ def get_output(task: str) -> str:
 
 def test_output_dirs_and_the_chained_stage(runs):
     work = runs[0]["work"]
-    assert runs[0]["run"].output_dir == work / "checkpoints" / "tiny_finance-alpaca_pretrain"
-    assert runs[6]["run"].output_dir.name == "tiny_glue-sst2+glue-cola+glue-mrpc_sft"
+    assert runs[0]["run"].output_dir == work / "checkpoints" / "tiny-gpt2_finance-alpaca_pretrain"
+    assert runs[6]["run"].output_dir.name == "tiny-gpt2_glue-sst2+glue-cola+glue-mrpc_sft"
     assert runs[8]["run"].output_dir == work / "checkpoints" / "gpt2_finance_pretrain"
     tenth = runs[9]["run"]
     assert tenth.model == str(work / "checkpoints" / "gpt2_finance_pretrain")
@@ -155,7 +156,7 @@ def test_intermediate_checkpoints_are_kept_and_load(runs):
     assert kept == ["checkpoint-2", "checkpoint-3"]  # --save_total_limit 2 of 3 saves
     assert (out / STAGE_META).is_file() and (out / "adapter_model.safetensors").is_file()
     meta = json.loads((out / "checkpoint-2" / STAGE_META).read_text())
-    assert meta["base"] == "tiny" and meta["figures"]["step"] == 2
+    assert meta["base"] == "tiny-gpt2" and meta["figures"]["step"] == 2
     load_model(str(out / "checkpoint-2"), device="cpu")
 
 

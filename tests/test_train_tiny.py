@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from taxon.config import DataRef, LoraSpec, StageSpec
-from taxon.models import STAGE_META, load_model
+from taxon.models import STAGE_META, load_model, resolve_targets
 from taxon.train import train_stage
 
 PROBE = "What is the sentiment of this financial news sentence?\nSentence: Sales rose.\nSentiment:"
 
-SFT_STAGE = StageSpec(
+SFT_STAGE = resolve_targets(StageSpec(
     objective="sft", data=(DataRef(dataset="fpb"),), steps=3, batch_size=2, lr=5e-3,
     warmup_ratio=0.0, max_length=128, lora=LoraSpec(r=4, alpha=8, dropout=0.0),
-)
+), "tiny")
 PRETRAIN_STAGE = StageSpec(
     objective="pretrain",
     data=(DataRef(dataset="wikitext", config="wikitext-2-v1", split="validation"),),

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from taxon.config import DataRef, LoraSpec, StageSpec, WsdSegment
 from taxon.errors import TaxonError
-from taxon.models import STAGE_META, load_model
+from taxon.models import STAGE_META, load_model, resolve_targets
 from taxon.schedule import RESUME_FILES, resume_point
 from taxon.study import wsd
 from taxon.train import train_stage
@@ -24,8 +24,8 @@ COMMON = dict(steps=8, batch_size=2, lr=5e-3, warmup_ratio=0.3, schedule="wsd", 
               precision="fp32", seed=1)
 MODES = {
     # LoRA dropout stays on (0.05), so the resumed segments also need the saved RNG states.
-    "lora-sft": StageSpec(objective="sft", data=(DataRef(dataset="fpb"),), max_length=128,
-                          lora=LoraSpec(r=4, alpha=8), **COMMON),
+    "lora-sft": resolve_targets(StageSpec(objective="sft", data=(DataRef(dataset="fpb"),), max_length=128,
+                                          lora=LoraSpec(r=4, alpha=8), **COMMON), "tiny"),
     "full-pretrain": StageSpec(
         objective="pretrain", max_length=64, lora=None,
         data=(DataRef(dataset="wikitext", config="wikitext-2-v1", split="validation"),), **COMMON),

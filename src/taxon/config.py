@@ -54,7 +54,9 @@ class LoraSpec(Spec):
     # for study files, `taxon train` and main.py alike.
     alpha: int | float = Field(None, gt=0, validate_default=False)  # type: ignore[assignment]
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # None: the model architecture's attention projections (architectures.yaml), filled in by
+    # models.resolve_targets before the stage is hashed or trained.
+    target_modules: tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod

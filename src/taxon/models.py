@@ -18,10 +18,12 @@ import torch
 import yaml
 
 from taxon import hub
+from taxon.config import StageSpec
 from taxon.errors import TaxonError
 from taxon.settings import cache_dir
 
 ALIASES_FILE = Path(__file__).with_name("models.yaml")
+ARCHITECTURES_FILE = Path(__file__).with_name("architectures.yaml")
 TINY_SEED = 0
 
 
@@ -164,6 +166,8 @@ def _build_tiny(alias: str, entry: dict) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(prepare(entry["tokenizer_from"]))
+    for key, value in (entry.get("tokenizer") or {}).items():  # e.g. GPT-2's: no chat template
+        setattr(tokenizer, key, value)
     cfg = dict(entry["tiny"])
     config = AutoConfig.for_model(
         cfg.pop("model_type"),
@@ -253,6 +257,80 @@ def bf16_supported() -> bool:
 def use_bf16(precision: str) -> bool:
     """The precision `auto` resolves to here: bf16 autocast where it pays off, else fp32."""
     return precision == "bf16" or (precision == "auto" and bf16_supported())
+
+
+@cache
+def _target_table() -> dict[str, list[str]]:
+    return yaml.safe_load(ARCHITECTURES_FILE.read_text())["lora_targets"]
+
+
+def architecture(name: str) -> str:
+    """The transformers `model_type` of model `name`, without loading weights: an alias's entry in
+    models.yaml (`arch`, or a tiny model's config), a folder's config.json, a stage checkpoint's
+    base (a LoRA stage has no config.json), or a Hub id's config (local cache first)."""
+    r = resolve(name)  # unknown names fail here, in one line
+    if r.source == "local":
+        return _folder_architecture(name, Path(r.location))
+    entry = aliases().get(name)
+    if entry is not None and "tiny" in entry:
+        return entry["tiny"]["model_type"]
+    if entry is not None and "arch" in entry:
+        return entry["arch"]
+    return _hub_architecture(name, entry["hub"] if entry is not None else name)
+
+
+def _folder_architecture(name: str, folder: Path) -> str:
+    config = folder / "config.json"
+    if config.is_file():
+        model_type = json.loads(config.read_text()).get("model_type")
+        if model_type:
+            return model_type
+    meta = folder / STAGE_META
+    if meta.is_file():
+        base = json.loads(meta.read_text()).get("base")
+        if base and str(base) != str(folder):
+            return architecture(str(base))
+    raise TaxonError(
+        f"cannot tell the architecture of model '{name}': {folder} has no config.json naming a "
+        "model_type; pass a folder written by save_pretrained or by taxon"
+    )
+
+
+def _hub_architecture(name: str, hub_id: str) -> str:
+    from transformers import AutoConfig
+
+    try:
+        return _from_pretrained(AutoConfig, name, hub_id).model_type
+    except ValueError as e:  # a config transformers does not know
+        raise TaxonError(f"cannot read the configuration of model '{name}' ({hub_id}): {e}; "
+                         "upgrade transformers or pass a local folder") from e
+
+
+def lora_targets(name: str) -> tuple[str, ...]:
+    """The LoRA target modules of model `name`'s architecture (architectures.yaml, else peft's own
+    table for that model_type)."""
+    arch = architecture(name)
+    if arch in _target_table():
+        return tuple(_target_table()[arch])
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_table
+
+    if arch in peft_table:
+        return tuple(peft_table[arch])
+    raise TaxonError(
+        f"no LoRA target modules known for model '{name}' (architecture {arch}): set the stage's "
+        "`lora.target_modules` to the names of its attention projections, or train it fully "
+        "(lora: null; --lora_r 0)"
+    )
+
+
+def resolve_targets(stage: StageSpec, model: str) -> StageSpec:
+    """`stage` with its LoRA targets taken from `model`'s architecture where it gives none. `model`
+    is the root of the stage's chain (or any checkpoint of it: they share the architecture).
+    Called once, before a stage is hashed or trained, so the spec names what was trained."""
+    if stage.lora is None or stage.lora.target_modules is not None:
+        return stage
+    lora = stage.lora.model_copy(update={"target_modules": lora_targets(model)})
+    return stage.model_copy(update={"lora": lora})
 
 
 def describe_all() -> list[tuple[str, str, str]]:

@@ -112,6 +112,11 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
 
     # transformers 5 warns that its own Trainer reads the deprecated gradient-checkpointing flag.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+    # GPT-2's attention layers are Conv1D: peft turns on fan_in_fan_out itself, and says so.
+    warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
+    if stage.lora is not None and stage.lora.target_modules is None:  # a caller skipped it
+        raise RuntimeError("train_stage got a LoRA stage without target_modules; resolve them "
+                           "first with taxon.models.resolve_targets(stage, model)")
     t0 = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resources.reset_peak_memory(device)  # the stage's own peak, as evaluations measure theirs

@@ -129,11 +129,8 @@ def _expand_block(block: dict, index: int, study: dict, names: DataNames) -> lis
             ratio = values.pop("lora_alpha_ratio", None)
             if ratio is not None:
                 values["lora_alpha"] = ratio * values.get("lora_r", recipe.params.get("lora_r", 16))
-            targets = (model_table().get(model) or {}).get("lora_targets")
-            stages = [
-                _apply_overrides({**s, "seed": seed}, overrides)
-                for s in expand(recipe.name, values, names, targets, where)
-            ]
+            stages = [_apply_overrides({**s, "seed": seed}, overrides)
+                      for s in expand(recipe.name, values, names, where)]
             label = [("model" if k == "model" else k, v) for k, v in zip(used, combo, strict=True)
                      if len(params[k]) > 1]
             labels = [_short(v) if k == "model" else f"{k}={_short(v)}" for k, v in label]

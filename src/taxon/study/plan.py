@@ -14,6 +14,7 @@ from pathlib import Path
 
 from taxon.config import StageSpec, StudySpec
 from taxon.identity import eval_key, model_identity, stage_id
+from taxon.models import resolve_targets
 from taxon.settings import cache_dir
 from taxon.study import wsd
 
@@ -56,11 +57,14 @@ def plan(study: StudySpec) -> list[PlannedExperiment]:
     identities = {m: model_identity(m) for m in dict.fromkeys(models)}
     roots = [identities[m] for m in models]
     parents = list(roots)
+    # LoRA targets from each chain's model, before anything is hashed: the ids name what trains.
+    specs = [[resolve_targets(s, m) for s in exp.stages] for exp, m in zip(study.experiments, models,
+                                                                           strict=True)]
     chains: list[list[PlannedStage]] = [[] for _ in study.experiments]
     # Level by level, since a stage's family (for wsd branching) depends on its parent's id.
-    for level in range(max((len(e.stages) for e in study.experiments), default=0)):
-        at = [i for i, e in enumerate(study.experiments) if level < len(e.stages)]
-        expanded = wsd.expand([(parents[i], study.experiments[i].stages[level]) for i in at])
+    for level in range(max((len(s) for s in specs), default=0)):
+        at = [i for i, s in enumerate(specs) if level < len(s)]
+        expanded = wsd.expand([(parents[i], specs[i][level]) for i in at])
         for i, steps in zip(at, expanded, strict=True):
             for step in steps:
                 sid = stage_id(parents[i], step.spec)

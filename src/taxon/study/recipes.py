@@ -84,7 +84,7 @@ def _group(item: Any, resolve: Resolver) -> list[dict]:
     return refs
 
 
-def _finish_stage(stage: dict, resolve: Resolver, lora_targets: list[str] | None) -> dict:
+def _finish_stage(stage: dict, resolve: Resolver) -> dict:
     stage = {k: v for k, v in stage.items() if v is not None or k in ("lora", "replay")}
     data = stage.get("data")
     items = data if isinstance(data, list) else [data]
@@ -107,18 +107,15 @@ def _finish_stage(stage: dict, resolve: Resolver, lora_targets: list[str] | None
         if not lora.get("r"):  # r 0 (or none): full fine-tuning
             stage["lora"] = None
         else:
-            lora = {k: v for k, v in lora.items() if v is not None or k == "target_modules"}
-            if lora.get("target_modules") is None:
-                lora.pop("target_modules")
-                if lora_targets:
-                    lora["target_modules"] = list(lora_targets)
+            # target_modules null: the model's architecture decides (taxon.models.resolve_targets)
+            lora = {k: v for k, v in lora.items() if v is not None}
             if isinstance(lora.get("alpha"), float) and lora["alpha"].is_integer():
                 lora["alpha"] = int(lora["alpha"])  # 32.0 and 32 must hash alike
             stage["lora"] = lora
     return stage
 
 
-def _expand_entries(entries: list, env: dict, resolve: Resolver, lora_targets, where: str) -> list[dict]:
+def _expand_entries(entries: list, env: dict, resolve: Resolver, where: str) -> list[dict]:
     out: list[dict] = []
     for entry in entries:
         if not isinstance(entry, dict):
@@ -128,7 +125,7 @@ def _expand_entries(entries: list, env: dict, resolve: Resolver, lora_targets, w
         entry = {k: v for k, v in entry.items() if k != "when"}
         if "include" in entry:
             given = {k: v for k, v in _sub(entry.get("with", {}), env).items() if v is not None}
-            out += expand(entry["include"], given, resolve, lora_targets, where)
+            out += expand(entry["include"], given, resolve, where)
         elif "for_each" in entry:
             lists = _sub(entry["for_each"], env)
             lengths = {k: len(v) if isinstance(v, list) else -1 for k, v in lists.items()}
@@ -137,14 +134,13 @@ def _expand_entries(entries: list, env: dict, resolve: Resolver, lora_targets, w
                                  f"(got {lengths}); give one value per phase")
             for i in range(next(iter(lengths.values()))):
                 inner = {**env, **{k: v[i] for k, v in lists.items()}}
-                out += _expand_entries(entry["stages"], inner, resolve, lora_targets, where)
+                out += _expand_entries(entry["stages"], inner, resolve, where)
         else:
-            out.append(_finish_stage(_sub(entry, env), resolve, lora_targets))
+            out.append(_finish_stage(_sub(entry, env), resolve))
     return out
 
 
-def expand(name: str, values: dict[str, Any], resolve: Resolver,
-           lora_targets: list[str] | None = None, where: str = "study") -> list[dict]:
+def expand(name: str, values: dict[str, Any], resolve: Resolver, where: str = "study") -> list[dict]:
     """The stage dicts of recipe `name` with `values` for its parameters (defaults for the rest).
     `resolve` turns a data value into a list of DataRef dicts."""
     recipe = get_recipe(name)
@@ -157,4 +153,4 @@ def expand(name: str, values: dict[str, Any], resolve: Resolver,
     if missing:
         raise TaxonError(f"{where}: recipe '{name}' needs a value for '{missing[0]}'; "
                          f"add `{missing[0]}: ...` to the grid block")
-    return _expand_entries(recipe.stages, env, resolve, lora_targets, f"{where} ({name})")
+    return _expand_entries(recipe.stages, env, resolve, f"{where} ({name})")

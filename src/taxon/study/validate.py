@@ -20,7 +20,7 @@ from taxon.data.sources import mirror_file
 from taxon.errors import TaxonError
 from taxon.evals.tasks import held_out_splits, missing_data, parse_task_list
 from taxon.identity import model_identity
-from taxon.models import resolve
+from taxon.models import resolve, resolve_targets
 from taxon.study.plan import PlannedExperiment, plan
 
 SHOWN = 3  # experiments named per problem shared by many
@@ -82,9 +82,19 @@ def _collect(study: StudySpec, for_run: bool) -> tuple[dict[str, list[str]], dic
             where = f"experiment '{exp.name}' stage {j}"
             for ref in (*stage.data, *([stage.replay] if stage.replay else [])):
                 check(where, lambda ref=ref: _data_problem(ref))
+    known = set()
     for name, wheres in models.items():
+        n_errors = len(errors)
         for where in wheres:
             check(where, lambda name=name: _model_problem(name))
+        if len(errors) == n_errors:
+            known.add(name)
+    for exp in study.experiments:  # LoRA targets need the architecture of a model that resolved
+        model = exp.model or study.model
+        for j, stage in enumerate(exp.stages, 1):
+            if model in known and stage.lora is not None and stage.lora.target_modules is None:
+                check(f"experiment '{exp.name}' stage {j}",
+                      lambda stage=stage, model=model: (resolve_targets(stage, model) and None, None))
     for name in study.eval.tasks if list(study.eval.tasks) != ["all"] else ():
         check("eval", lambda name=name: (None, _task_unavailable(name)))
     return errors, notes
