@@ -12,7 +12,7 @@ them with CPU fp32 references or with each other:
   the same batches, with taxon's CPU loss (labelled_loss: the logits of the labelled positions).
 - train-pretrain: packed pretraining (full fine-tuning) on WikiText-2; tokens/s and MFU.
 - scorer / generation: loglikelihoods and generate on CUDA in fp32 and bf16 against the same
-  functions on a CPU fp32 copy of the model; peak CUDA memory (evals.efficiency).
+  functions on a CPU fp32 copy of the model; peak CUDA memory (taxon.resources).
 - ray: a Ray task placed by taxon's Ray executor (one GPU per task) sees CUDA (skipped without ray).
 - ddp: a stage under `accelerate launch` on every GPU (skipped with one GPU).
 
@@ -444,7 +444,7 @@ def _score_requests(tokenizer, sentences: list[str]) -> list[tuple[list[int], li
 
 def check_scorer(opts, model_dir: Path, data: Path) -> dict:
     device = need_cuda(opts)
-    from taxon.evals import efficiency
+    from taxon import resources as efficiency
     from taxon.evals.scoring import loglikelihoods
     from taxon.models import load_model
 
@@ -487,7 +487,7 @@ def check_generation(opts, model_dir: Path, data: Path) -> dict:
     """generate on CUDA against a CPU fp32 copy: every token it emits must be a greedy choice of the
     CPU model given the same prefix (within a tolerance for near-ties), and the texts are compared."""
     device = need_cuda(opts)
-    from taxon.evals import efficiency
+    from taxon import resources as efficiency
     from taxon.evals.generation import _eos_ids, generate
     from taxon.models import load_model
 
