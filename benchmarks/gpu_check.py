@@ -326,6 +326,7 @@ def _train(opts, stage, model_dir: Path, tmp: Path, name: str) -> dict:
     from trl import SFTTrainer
 
     from taxon import labelled_loss as ll
+    from taxon.models import resolve_targets
     from taxon.train import train_stage
 
     records: list[dict] = []
@@ -349,7 +350,8 @@ def _train(opts, stage, model_dir: Path, tmp: Path, name: str) -> dict:
     clock = _StepClock()
     ll.LabelledLossTrainer.compute_loss = spy
     try:
-        figures = train_stage(stage, str(model_dir), tmp / name, desc=name, callbacks=(clock,))
+        figures = train_stage(resolve_targets(stage, str(model_dir)), str(model_dir), tmp / name,
+                              desc=name, callbacks=(clock,))
     finally:
         ll.LabelledLossTrainer.compute_loss = original
         shutil.rmtree(tmp / name, ignore_errors=True)
