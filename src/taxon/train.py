@@ -76,15 +76,6 @@ def _stash_checkpoints(out: Path, scratch: Path) -> list[Path]:
     return kept
 
 
-def _checkpointing_flag() -> str:
-    from dataclasses import fields
-
-    from trl import SFTConfig
-
-    names = {f.name for f in fields(SFTConfig)}
-    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-
-
 def _per_device_batch(batch_size: int) -> int:
     """The spec's batch is the global batch: under DDP (`accelerate launch`, `torchrun`) each of
     the WORLD_SIZE processes takes its share, so a stage trains on the same examples however it
@@ -147,7 +138,6 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
             target_modules=list(stage.lora.target_modules), task_type="CAUSAL_LM",
         )
     packed = padding_free.applies(stage)
-    checkpointing = _checkpointing_flag()
     scratch = Path(tempfile.mkdtemp(prefix="taxon-trainer-"))
     meta = {"spec": stage.model_dump(mode="json"), "base": root, "lora": stage.lora is not None}
     if stage_id is not None:
@@ -170,9 +160,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         # enforce on padding-free rows.
         max_length=None if packed else stage.max_length,
         padding_free=packed,
-        # TRL turns it on by default; small models do not need it. Older transformers 5.x (5.17,
-        # seen on a GPU machine) know the flag only as gradient_checkpointing.
-        **{checkpointing: False},
+        activation_checkpointing=False,  # TRL turns it on by default; small models do not need it
         packing=False,  # pretraining text arrives already packed into blocks (mixture.pack)
         # SFT batches of similar lengths waste less compute on padding; the grouping is seeded.
         train_sampling_strategy="random" if stage.objective == "pretrain" else "group_by_length",
