@@ -13,6 +13,7 @@ from rich.console import Console
 from taxon import seeds_cli
 from taxon.config import StageSpec, StudySpec
 from taxon.errors import TaxonError
+from taxon.identity import model_identity
 from taxon.models import STAGE_META, architecture, lora_targets, prepare, resolve_targets
 from taxon.study.plan import plan
 from taxon.study.run import run_study
@@ -67,7 +68,8 @@ def test_folders_checkpoints_and_unknown_architectures(tmp_path):
 
 
 def test_llama_stage_ids_do_not_change():
-    """The resolved targets on a llama model are the old default, so ids (and checkpoints) stay."""
+    """The resolved targets on a llama model are the old default, so the canonical spec (and the
+    id, pinned as of taxon.identity's RECIPE_VERSION 2) stays."""
     quickstart_sft = {**SFT, "data": [{"dataset": "takala/financial_phrasebank",
                                        "config": "sentences_50agree"}],
                       "steps": 40, "batch_size": 16, "max_length": 128,
@@ -81,7 +83,7 @@ def test_llama_stage_ids_do_not_change():
         '"target_modules":["q_proj","k_proj","v_proj","o_proj"]},"lr":0.001,"max_length":128,'
         '"objective":"sft","precision":"auto","replay":null,"schedule":"constant_with_warmup",'
         '"seed":0,"steps":40,"warmup_ratio":0.1}')
-    assert stage.id == "1b8de91648f54c3f"
+    assert stage.id == "713b6c5a25c70c68"
 
 
 def test_training_refuses_unresolved_targets(tmp_path):
@@ -153,5 +155,5 @@ def test_main_py_trains_and_evaluates_with_the_architectures_targets(trained):
     meta = json.loads((out / STAGE_META).read_text())
     assert meta["spec"]["lora"]["target_modules"] == list(TARGETS[model][1])
     store = Store(work / "results" / "taxon.sqlite")
-    (result,) = store.results(seeds_cli.model_key(str(out)))
+    (result,) = store.results(model_identity(str(out)))
     assert result["task"] == "fpb" and result["n"] == 4
