@@ -625,6 +625,11 @@ def main() -> int:
                     help="no GPU: run the GPU checks on the CPU with a 2-layer model, to test this script")
     ap.add_argument("--smoke-layers", type=int, default=2, help="layers of the --cpu-smoke model (default 2)")
     opts = ap.parse_args()
+    names = ("environment", "varlen-attention", "train-lora-sft", "train-full-sft", "train-pretrain",
+             "scorer", "generation", "ray", "ddp")
+    unknown = sorted(set(opts.only or ()) - set(names))
+    if unknown:
+        ap.error(f"--only {' '.join(unknown)}: no such check; choose from {', '.join(names)}")
     checks = Checks(opts, opts.budget)
 
     def out_of_time(signum, frame):
