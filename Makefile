@@ -12,6 +12,11 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export TAXON_DATA_DIR ?= $(SHARED_DATA)
 endif
 
+# The suite on every core (pytest-xdist): a module with module-scoped fixtures stays on one worker
+# (its fixture is built once), the heaviest modules start first (tests/conftest.py). `make test
+# PYTEST_PARALLEL=` runs it in one process; `pytest -q tests/test_x.py` alone is never parallel.
+PYTEST_PARALLEL ?= -n auto --dist loadgroup --no-loadscope-reorder
+
 .PHONY: setup model test demo lint clean
 
 setup: $(STAMP)
@@ -33,7 +38,7 @@ $(MODEL_STAMP): $(STAMP)
 
 test: $(MODEL_STAMP)
 	$(BIN)/ruff check src tests benchmarks main.py
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
 demo: $(MODEL_STAMP)
 	$(BIN)/taxon study run examples/quickstart.yaml --report results/quickstart.md
