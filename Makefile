@@ -12,10 +12,10 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export TAXON_DATA_DIR ?= $(SHARED_DATA)
 endif
 
-# The suite on every core (pytest-xdist): a module with module-scoped fixtures stays on one worker
-# (its fixture is built once), the heaviest modules start first (tests/conftest.py). `make test
+# The suite on every core (pytest-xdist): each module runs on one worker (its module fixtures are
+# built once), the heaviest modules start first (tests/conftest.py). `make test
 # PYTEST_PARALLEL=` runs it in one process; `pytest -q tests/test_x.py` alone is never parallel.
-PYTEST_PARALLEL ?= -n auto --dist loadgroup --no-loadscope-reorder
+PYTEST_PARALLEL ?= -n auto --dist loadscope --no-loadscope-reorder
 
 .PHONY: setup model test demo lint clean
 
