@@ -12,6 +12,11 @@ ifneq ($(wildcard $(SHARED_DATA)),)
 export TAXON_DATA_DIR ?= $(SHARED_DATA)
 endif
 
+# The suite on every core (pytest-xdist): each module runs on one worker (its module fixtures are
+# built once), the heaviest modules start first (tests/conftest.py). `make test
+# PYTEST_PARALLEL=` runs it in one process; `pytest -q tests/test_x.py` alone is never parallel.
+PYTEST_PARALLEL ?= -n auto --dist loadscope --no-loadscope-reorder
+
 .PHONY: setup model test demo lint clean
 
 setup: $(STAMP)
@@ -34,7 +39,7 @@ $(MODEL_STAMP): $(STAMP)
 test: $(MODEL_STAMP)
 	$(BIN)/ruff check src tests benchmarks main.py
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_PARALLEL)
 
 demo: $(MODEL_STAMP)
 	$(BIN)/taxon study run examples/quickstart.yaml --report results/quickstart.md

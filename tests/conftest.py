@@ -23,6 +23,31 @@ if not os.environ.get("TAXON_DATA_DIR"):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# Under pytest-xdist (`make test` runs `-n auto`), each worker gets its share of the cores, so two
+# workers do not oversubscribe two cores with two threads each. Set before torch is imported; the
+# CLI subprocesses the tests start inherit it. A plain `pytest` run keeps torch's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+# Modules whose tests (or module fixtures) take minutes. Under xdist (`make test`: --dist
+# loadscope, so a module's fixtures are built once, on one worker, and --no-loadscope-reorder)
+# they are handed out first, so the long ones do not end up one after the other on one worker.
+HEAVY_FIRST = ("test_seeds_cli.py", "test_study_resume.py", "test_architectures.py",
+               "test_identity.py", "test_wsd_train.py", "test_study.py", "test_pipelines.py",
+               "test_study_launcher.py", "test_study_tracking.py", "test_validation.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # a plain run keeps pytest's order
+
+    def rank(item):
+        name = item.path.name
+        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a module is kept
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
