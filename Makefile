@@ -33,7 +33,7 @@ model: $(MODEL_STAMP)
 
 $(MODEL_STAMP): $(STAMP)
 	$(BIN)/taxon models --prepare smollm2-135m
-	$(BIN)/taxon models --prepare tiny
+	for m in tiny tiny-gpt2 tiny-qwen2 tiny-gemma2 tiny-gemma3; do $(BIN)/taxon models --prepare $$m || exit 1; done
 	touch $@
 
 test: $(MODEL_STAMP)

@@ -123,3 +123,23 @@ def test_bootstrap_is_seeded():
     a = classification_report(y_true, y_pred, probs, LABELS, ["accuracy"], seed=1, n_resamples=200)
     b = classification_report(y_true, y_pred, probs, LABELS, ["accuracy"], seed=1, n_resamples=200)
     assert a["accuracy"] == b["accuracy"]
+
+
+def test_bootstrapped_f1s_equal_sklearn_on_random_resamples():
+    """The confusion-matrix F1s the bootstrap uses equal scikit-learn's on many random inputs,
+    including classes that never occur and resamples without class 1."""
+    from taxon.evals.metrics import scalar_metrics
+
+    rng = np.random.default_rng(0)
+    for n_classes in (2, 3, 5):
+        fns = scalar_metrics(n_classes)
+        labels = list(range(n_classes))
+        for _ in range(200):
+            n = int(rng.integers(1, 30))
+            t = rng.integers(0, n_classes - (n_classes > 2), n)
+            p = rng.integers(0, n_classes, n)
+            for name, average in (("macro_f1", "macro"), ("weighted_f1", "weighted")):
+                assert fns[name](t, p, None) == pytest.approx(
+                    f1_score(t, p, labels=labels, average=average, zero_division=0), abs=1e-12)
+            assert fns["binary_f1"](t, p, None) == pytest.approx(
+                f1_score(t, p, labels=[1], average="macro", zero_division=0), abs=1e-12)

@@ -21,7 +21,6 @@ from scipy.stats import bootstrap
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
-    f1_score,
     matthews_corrcoef,
     precision_recall_fscore_support,
 )
@@ -48,27 +47,32 @@ def _mcc(y_true, y_pred) -> float:
 
 
 def scalar_metrics(n_classes: int) -> dict[str, Callable]:
-    labels = list(range(n_classes))
+    # The F1s come from one bincount confusion matrix: the bootstrap calls them thousands of times,
+    # where scikit-learn's input checks dominate (tests/test_metrics.py: equal to f1_score).
     return {
         "accuracy": lambda t, p, pr: accuracy_score(t, p),
-        "macro_f1": lambda t, p, pr: f1_score(t, p, labels=labels, average="macro", zero_division=0),
-        "weighted_f1": lambda t, p, pr: f1_score(
-            t, p, labels=labels, average="weighted", zero_division=0
-        ),
+        "macro_f1": lambda t, p, pr: float(_f1_by_class(t, p, n_classes)[0].mean()),
+        "weighted_f1": lambda t, p, pr: weighted_f1(t, p, n_classes),
         "ece": lambda t, p, pr: expected_calibration_error(t, pr),
         # GLUE's own metrics: Matthews correlation (CoLA) and F1 of label 1 (MRPC, QQP)
         "mcc": lambda t, p, pr: _mcc(t, p),
-        "binary_f1": lambda t, p, pr: f1_score(t, p, labels=[1], average="macro", zero_division=0),
+        "binary_f1": lambda t, p, pr: float(_f1_by_class(t, p, max(n_classes, 2))[0][1]),
     }
 
 
-def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Support-weighted F1 (scikit-learn's average="weighted") from a bincount confusion matrix:
-    the bootstrap calls it thousands of times, where scikit-learn's checks dominate."""
-    cm = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, -1)
+def _f1_by_class(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each class's F1 (2·tp / (support + predicted); 0 where both are 0, scikit-learn's
+    zero_division=0) and its support."""
+    cm = np.bincount(np.asarray(y_true) * n_classes + np.asarray(y_pred),
+                     minlength=n_classes * n_classes).reshape(n_classes, -1)
     tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
     denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros(n_classes), where=denom > 0)
+    return np.divide(2 * tp, denom, out=np.zeros(n_classes), where=denom > 0), support
+
+
+def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Support-weighted F1 (scikit-learn's average="weighted")."""
+    f1, support = _f1_by_class(y_true, y_pred, n_classes)
     return float((f1 * support).sum() / support.sum()) if support.sum() else 0.0
 
 
