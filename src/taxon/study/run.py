@@ -95,6 +95,10 @@ class StageJob:
         if not trained:
             figures = json.loads((self.stage.path / STAGE_META).read_text())["figures"]
             ctx.console.print(f"[dim]reuse stage {self.stage.id} ({self.label})[/dim]")
+            if ctx.train_options.get("save_steps") and not any(self.stage.path.glob("checkpoint-*")):
+                ctx.console.print(f"[yellow]stage {self.stage.id} was trained earlier without "
+                                  "--save_steps: it has no intermediate checkpoints (they are "
+                                  "written only while a stage trains)[/yellow]")
         ctx.figures[self.stage.id] = figures
         ctx.store.add_stage(self.stage.id, self.stage.parent, self.stage.spec.model_dump(mode="json"),
                             str(self.stage.path), figures, run_id=ctx.run_id, trained=trained)
