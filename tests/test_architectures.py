@@ -125,11 +125,12 @@ def trained(request, fresh_cache, tmp_path_factory):
     experiments = {e.name: e for e in run_study(study, store, Console(quiet=True))}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        rc = seeds_cli.main(["--model", model, "--dataset", "takala/financial_phrasebank",
-                             "--mode", "sft", "--max_steps", "2", "--batch_size", "2",
-                             "--max_length", "64", "--lora_r", "4", "--eval_tasks", "fpb",
-                             "--eval_limit", "4", "--eval_batch_size", "4"])
-    return model, store, experiments, rc, work
+        common = ["--model", model, "--dataset", "takala/financial_phrasebank", "--mode", "sft",
+                  "--max_steps", "2", "--batch_size", "2", "--max_length", "64", "--eval_tasks",
+                  "fpb", "--eval_limit", "4", "--eval_batch_size", "4"]
+        rc = seeds_cli.main([*common, "--lora_r", "4"])
+        rc_full = seeds_cli.main([*common, "--full_finetune", "--output_dir", "checkpoints/full"])
+    return model, store, experiments, (rc, rc_full), work
 
 
 def test_study_trains_lora_and_full_with_the_architectures_targets(trained):
@@ -147,13 +148,25 @@ def test_study_trains_lora_and_full_with_the_architectures_targets(trained):
 
 
 def test_main_py_trains_and_evaluates_with_the_architectures_targets(trained):
-    model, _, _, rc, work = trained
+    model, _, _, (rc, _), work = trained
     assert rc == 0
     out = work / "checkpoints" / f"{model}_financial_phrasebank_sft"
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == sorted(TARGETS[model][1])
     meta = json.loads((out / STAGE_META).read_text())
     assert meta["spec"]["lora"]["target_modules"] == list(TARGETS[model][1])
+    store = Store(work / "results" / "taxon.sqlite")
+    (result,) = store.results(model_identity(str(out)))
+    assert result["task"] == "fpb" and result["n"] == 4
+
+
+def test_main_py_full_fine_tuning_on_each_architecture(trained):
+    model, _, _, (_, rc_full), work = trained
+    assert rc_full == 0
+    out = work / "checkpoints" / "full"
+    meta = json.loads((out / STAGE_META).read_text())
+    assert meta["spec"]["lora"] is None and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["model_type"] == architecture(model)
     store = Store(work / "results" / "taxon.sqlite")
     (result,) = store.results(model_identity(str(out)))
     assert result["task"] == "fpb" and result["n"] == 4
