@@ -15,7 +15,9 @@ endif
 # The suite on every core (pytest-xdist): each module runs on one worker (its module fixtures are
 # built once), the heaviest modules start first (tests/conftest.py). `make test
 # PYTEST_PARALLEL=` runs it in one process; `pytest -q tests/test_x.py` alone is never parallel.
-PYTEST_PARALLEL ?= -n auto --dist loadscope --no-loadscope-reorder
+# Temp folders in .pytest-tmp (one per worker, emptied at each run): pytest's numbered folders in
+# /tmp are pruned by later sessions, and one vanished under a running worker once.
+PYTEST_PARALLEL ?= -n auto --dist loadscope --no-loadscope-reorder --basetemp=$(CURDIR)/.pytest-tmp
 
 .PHONY: setup model test demo lint clean
 
