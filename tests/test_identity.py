@@ -151,3 +151,22 @@ def test_same_study_twice_gives_identical_numbers_on_this_machine_kind(tmp_path,
     assert all(m["settings"]["precision"] in ("fp32", "bf16") for _, _, m, _ in a)
     assert all(r["environment"]["machine"] == identity.machine_kind() for r in stores[0].runs())
     assert f"on {identity.machine_kind()}" in results_table(stores[0], "repro")
+
+
+def test_a_cached_lora_stage_whose_base_folder_is_gone_is_retrained(cache, tmp_path):
+    """Stage ids no longer hash the base's path, so a LoRA stage trained over a folder that was
+    later deleted must not be reused (it could not load): it counts as incomplete."""
+    from taxon.study.plan import PlannedStage
+    from taxon.study.run import clear_incomplete, usable
+
+    spec = StudySpec.model_validate({"name": "s", "experiments": [{"name": "e", "stages": [SFT]}]}
+                                    ).experiments[0].stages[0]
+    stage = PlannedStage("deadbeefdeadbeef", "parent", spec)
+    stage.path.mkdir(parents=True)
+    meta = {"spec": {}, "lora": True, "base": str(tmp_path / "gone"), "id": stage.id}
+    (stage.path / "taxon_stage.json").write_text(json.dumps(meta))
+    assert not usable(stage.path)
+    assert clear_incomplete(stage) == [stage.path] and not stage.path.exists()
+    stage.path.mkdir()
+    (stage.path / "taxon_stage.json").write_text(json.dumps({**meta, "base": "tiny"}))
+    assert usable(stage.path) and clear_incomplete(stage) == []

@@ -229,6 +229,10 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | None
     if meta.get("lora"):
         from peft import PeftModel
 
+        if str(meta["base"]).startswith("/") and not Path(meta["base"]).is_dir():
+            raise TaxonError(f"checkpoint {where} is a LoRA adapter over {meta['base']}, which no "
+                             "longer exists; restore that folder, or delete the checkpoint and "
+                             "train it again")
         base, tokenizer = load_model(meta["base"], dtype=dtype, device="cpu")
         model = PeftModel.from_pretrained(base, str(where)).merge_and_unload()
     else:

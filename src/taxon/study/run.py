@@ -22,7 +22,9 @@ from rich.console import Console
 
 from taxon.config import EvalSpec, ExperimentSpec, StageSpec, StudySpec
 from taxon.evals.tasks import get_task, missing_data, parse_task_list
+from taxon.identity import stage_meta
 from taxon.models import STAGE_META, copy_checkpoint
+from taxon.settings import cache_dir
 from taxon.study import tracking, validate
 from taxon.study.environment import environment
 from taxon.study.executors import Sequential
@@ -47,12 +49,23 @@ class _Ctx:
     train_options: dict = field(default_factory=dict)  # save_steps, save_total_limit (main.py)
 
 
+def usable(folder: Path) -> bool:
+    """A complete checkpoint that can still load: its metadata was written (last), and a LoRA
+    adapter's base folder still exists (checkpoints written before bases were recorded by their
+    cached stage could name a folder that was since removed)."""
+    meta = stage_meta(folder) if (folder / STAGE_META).is_file() else None
+    if meta is None:
+        return False
+    base = str(meta.get("base", ""))
+    return not (meta.get("lora") and base.startswith("/") and not Path(base).is_dir())
+
+
 def clear_incomplete(stage: PlannedStage) -> list[Path]:
     """Remove what a killed writer left of `stage`: temp folders of `models.atomic_save` and a
     folder without `taxon_stage.json` (which is written last). Call only while holding the
     stage's lock."""
     found = sorted(stage.path.parent.glob(stage.path.name + ".tmp*"))
-    if stage.path.exists() and not (stage.path / STAGE_META).is_file():
+    if stage.path.exists() and not usable(stage.path):
         found.append(stage.path)
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
@@ -74,13 +87,14 @@ class StageJob:
         return lock_for("stage", self.stage.id)
 
     def done(self, ctx: _Ctx) -> bool:
-        return (self.stage.path / STAGE_META).is_file()
+        return usable(self.stage.path)
 
     def call(self, ctx: _Ctx) -> tuple:
         removed = clear_incomplete(self.stage)
         if removed:
-            ctx.console.print(f"[yellow]stage {self.stage.id}: removed an incomplete checkpoint "
-                              f"({', '.join(p.name for p in removed)}); training it again[/yellow]")
+            ctx.console.print(f"[yellow]stage {self.stage.id}: removed an incomplete or unloadable "
+                              f"checkpoint ({', '.join(p.name for p in removed)}); training it "
+                              "again[/yellow]")
         ctx.console.print(f"[bold]train stage {self.stage.id}[/bold] ({self.label}): "
                           f"{self.stage.spec.objective}, {self.stage.spec.steps} steps"
                           + (f", {self.stage.note}" if self.stage.kind != "run" else ""))
@@ -163,6 +177,17 @@ def runnable_tasks(spec: EvalSpec, console: Console | None = None) -> list:
     return out
 
 
+def durable_base(exp: PlannedExperiment) -> str:
+    """Where the experiment's first stage starts from, as its checkpoint will record it (a LoRA
+    stage loads its base from there, in any later study that reuses it). A model folder that is a
+    copy of a cached stage (main.py's --output_dir) is named by the cached stage itself: the copy
+    may be moved or deleted, while the stage id, and so the reuse, stays."""
+    cached = cache_dir() / "stages" / exp.root
+    if ":" not in exp.root and (cached / STAGE_META).is_file():
+        return str(cached)
+    return exp.model
+
+
 def build_jobs(study: StudySpec, experiments: list[PlannedExperiment],
                console: Console | None = None) -> dict:
     """Every job of the study, keyed, in the order a sequential run does them: experiment by
@@ -170,7 +195,7 @@ def build_jobs(study: StudySpec, experiments: list[PlannedExperiment],
     tasks = runnable_tasks(study.eval, console)
     jobs: dict = {}
     for exp in experiments:
-        base = exp.model
+        base = durable_base(exp)
         for j, stage in enumerate(exp.stages, 1):
             job = StageJob(stage, base, f"{exp.name} {j}/{len(exp.stages)}",
                            (f"stage:{stage.parent}",) if j > 1 else ())
