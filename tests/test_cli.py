@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+from cli_runner import run_taxon
 
 
 def taxon(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "taxon.cli", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+    return run_taxon(*args, env=env)
 
 
 def test_eval_unreachable_model_is_one_line_exit_2(data_dir):

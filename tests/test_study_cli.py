@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+from cli_runner import run_taxon
 from study_fixtures import STUDY
 
 
@@ -18,9 +15,8 @@ from study_fixtures import STUDY
 def test_bad_run_options_exit_2(tmp_path, args, message):
     path = tmp_path / "study.yaml"
     path.write_text(STUDY)
-    r = subprocess.run([sys.executable, "-m", "taxon.cli", "study", "run", str(path), *args],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                       env={**os.environ, "TAXON_CACHE_DIR": str(tmp_path / "cache")})
+    r = run_taxon("study", "run", str(path), *args, cwd=tmp_path,
+                  env={"TAXON_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 2
     assert r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "results").exists()

@@ -4,14 +4,12 @@ plan` on the examples (cost figures, one-line errors)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_runner import run_taxon
 
 from taxon.config import DataRef, StageSpec
 from taxon.errors import TaxonError
@@ -25,8 +23,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def taxon(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "taxon.cli", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=120)
+    return run_taxon(*args, env=env)
 
 
 def write(tmp_path, text: str) -> Path:
