@@ -217,6 +217,12 @@ def load_tokenizer(name: str):
 STAGE_META = "taxon_stage.json"
 
 
+def missing_base(meta: dict) -> bool:
+    """Whether a LoRA checkpoint's base is a folder that no longer exists (so it cannot load)."""
+    base = str(meta.get("base", ""))
+    return bool(meta.get("lora")) and base.startswith("/") and not Path(base).is_dir()
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | None = None):
     """Load model `name` with its tokenizer: an alias, a Hub id, a local folder, or a stage
     checkpoint. A LoRA checkpoint is applied to its base (itself loaded the same way, so chains of
@@ -229,7 +235,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | None
     if meta.get("lora"):
         from peft import PeftModel
 
-        if str(meta["base"]).startswith("/") and not Path(meta["base"]).is_dir():
+        if missing_base(meta):
             raise TaxonError(f"checkpoint {where} is a LoRA adapter over {meta['base']}, which no "
                              "longer exists; restore that folder, or delete the checkpoint and "
                              "train it again")

@@ -135,6 +135,10 @@ class Card(Spec):
             out += [self.carve.train, self.carve.test]
         return out
 
+    def source_split(self, split: str) -> str:
+        """The split rows are read from: a carved train/test split comes from the carve's source."""
+        return self.carve.source if self.carve and split in (self.carve.train, self.carve.test) else split
+
     def resolve_config(self, config: str | None) -> str:
         if config in (None, "None", ""):
             return self.config

@@ -36,7 +36,7 @@ def where(card: Card, config: str | None = None, split: str | None = None) -> st
     card = card.for_config(config)
     config = card.config
     split = split or card.available_splits()[0]
-    hub_split = card.carve.source if card.carve and split in (card.carve.train, card.carve.test) else split
+    hub_split = card.source_split(split)
     path = mirror_file(card, config, hub_split)
     return f"mirror: {path}" if path else f"hub: {card.id} ({config})"
 

@@ -252,8 +252,7 @@ def missing_data(task: TaskSpec) -> str | None:
     from taxon.data.sources import mirror_file
 
     card = get_card(task.dataset).for_config(task.config)
-    split = card.carve.source if card.carve and task.split in (card.carve.train, card.carve.test) \
-        else task.split
+    split = card.source_split(task.split)
     if mirror_file(card, card.config, split) is not None or hub.reachable():
         return None
     return f"no {card.id}/{card.config}/{split} in the mirror and the Hub is unreachable"

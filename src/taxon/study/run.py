@@ -23,7 +23,7 @@ from rich.console import Console
 from taxon.config import EvalSpec, ExperimentSpec, StageSpec, StudySpec
 from taxon.evals.tasks import get_task, missing_data, parse_task_list
 from taxon.identity import stage_meta
-from taxon.models import STAGE_META, copy_checkpoint
+from taxon.models import STAGE_META, copy_checkpoint, missing_base
 from taxon.settings import cache_dir
 from taxon.study import tracking, validate
 from taxon.study.environment import environment
@@ -53,11 +53,8 @@ def usable(folder: Path) -> bool:
     """A complete checkpoint that can still load: its metadata was written (last), and a LoRA
     adapter's base folder still exists (checkpoints written before bases were recorded by their
     cached stage could name a folder that was since removed)."""
-    meta = stage_meta(folder) if (folder / STAGE_META).is_file() else None
-    if meta is None:
-        return False
-    base = str(meta.get("base", ""))
-    return not (meta.get("lora") and base.startswith("/") and not Path(base).is_dir())
+    meta = stage_meta(folder)
+    return meta is not None and not missing_base(meta)
 
 
 def clear_incomplete(stage: PlannedStage) -> list[Path]:

@@ -39,8 +39,7 @@ def _data_problem(ref: DataRef) -> tuple[str | None, str | None]:
     if ref.split == "test" or ref.split in held_out_splits(ref.dataset):
         return (f"dataset '{card.id}' split '{ref.split}' is scored by an eval task; train on a "
                 "train split so no test item reaches training"), None
-    source = card.carve.source if card.carve and ref.split in (card.carve.train, card.carve.test) \
-        else ref.split
+    source = card.source_split(ref.split)
     if mirror_file(card, config, source) is None and not hub.reachable():
         return None, (f"dataset '{card.id}' ({config}/{source}) is neither in the mirror nor on a "
                       "reachable Hub; set TAXON_DATA_DIR to a mirror that has it, or connect")
