@@ -7,12 +7,55 @@ most of an SFT step of a small model: the 49k-token LM head is a fifth of SmolLM
 multiply-adds, and an FPB pair has 2-3 labelled tokens out of ~90. Off CUDA, taxon asks the model
 for the logits of the labelled positions alone (`logits_to_keep` as a mask) and divides the same
 sum of token losses by the same count, so nothing but the cost changes.
+
+A padded SFT batch of templated pairs repeats its prompt's opening in every row (the system
+prompt, the task's instruction: about half of an FPB pair). Off CUDA, that shared prefix is
+encoded once, its key/value cache broadcast to every row, and only the rows' own tokens run per
+row; gradients flow back through the shared cache (summed over rows by the broadcast), so loss and
+gradients equal the per-row computation (tests/test_shared_prefix.py). The one difference: dropout
+(LoRA's, GPT-2's own) draws one mask for the shared prefix instead of one per row.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 from trl import SFTTrainer
+
+# A shared prefix shorter than this is not split off: a second forward pass costs more than a few
+# tokens saved.
+MIN_SHARED = 8
+
+
+def shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, keep: torch.Tensor) -> int:
+    """Length of the token prefix every row of a right-padded batch shares, ending before the first
+    position whose logits are needed; 0 when too short to be worth a pass of its own."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    if attention_mask is not None:
+        same &= attention_mask.bool().all(dim=0)
+    same &= ~keep.any(dim=0)
+    same[-1] = False  # every row keeps at least one token of its own
+    p = int(same.long().cumprod(0).sum())
+    return p if p >= MIN_SHARED else 0
+
+
+def _forward(model, rest: dict, keep: torch.Tensor):
+    """Logits at the kept positions, encoding the batch's shared prefix once where it has one."""
+    ids, mask = rest["input_ids"], rest.get("attention_mask")
+    p = shared_prefix(ids, mask, keep) if set(rest) <= {"input_ids", "attention_mask"} else 0
+    if not p:
+        return model(**rest, use_cache=False, logits_to_keep=keep).logits
+    b, length = ids.shape
+    head = model(input_ids=ids[:1, :p], use_cache=True, past_key_values=DynamicCache())
+    cache = head.past_key_values
+    for layer in cache.layers:  # a broadcast view: each row reads the prefix, gradients sum
+        layer.keys, layer.values = layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1)
+    positions = torch.arange(p, length, device=ids.device).expand(b, -1)
+    full_mask = mask if mask is not None else torch.ones_like(ids)
+    return model(input_ids=ids[:, p:], attention_mask=full_mask, position_ids=positions,
+                 past_key_values=cache, use_cache=True, logits_to_keep=keep[:, p:]).logits
 
 
 def labelled_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
@@ -23,7 +66,7 @@ def labelled_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
     keep[:, :-1] = labels[:, 1:] != -100  # position t predicts label t+1
     targets = labels[:, 1:][keep[:, :-1]]
     rest = {k: v for k, v in inputs.items() if k != "labels"}
-    logits = model(**rest, use_cache=False, logits_to_keep=keep).logits
+    logits = _forward(model, rest, keep)
     loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
     count = targets.numel() if num_items_in_batch is None else num_items_in_batch
     return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
