@@ -35,7 +35,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # they are handed out first, so the long ones do not end up one after the other on one worker.
 HEAVY_FIRST = ("test_seeds_cli.py", "test_study_resume.py", "test_architectures.py",
                "test_identity.py", "test_wsd_train.py", "test_study.py", "test_pipelines.py",
-               "test_study_launcher.py", "test_study_tracking.py", "test_validation.py")
+               "test_study_launcher.py", "test_study_tracking.py", "test_validation.py",
+               "test_report.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -121,7 +121,7 @@ def data_check(
     results = check.run(datasets or [], config, limit)
     console.print(check.table(results), highlight=False)
     for line in check.report_lines(results):
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False, soft_wrap=True, markup=False, emoji=False)
     failed = [r for r in results if r.failed]
     if failed:
         err = Console(stderr=True)
@@ -247,7 +247,9 @@ def study_run(
     file: Path,
     store: Annotated[Path | None, typer.Option(
         help="SQLite results file (default results/<study name>.sqlite).")] = None,
-    report: Annotated[Path | None, typer.Option(help="Also write the table to this file.")]
+    report: Annotated[Path | None, typer.Option(help="Also copy the report's Markdown to this file.")]
+    = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default results/<study>/report).")]
     = None,
     executor: Annotated[str, typer.Option(help="local (this machine) or ray.")] = "local",
     workers: Annotated[int, typer.Option(help="Jobs at once (local: worker processes; 1 = in this "
@@ -265,8 +267,8 @@ def study_run(
                                                  "command, e.g. 'accelerate launch --multi_gpu "
                                                  "--num_processes 4' (DDP).")] = None,
 ) -> None:
-    """Train what is missing, evaluate what is missing, print the results table."""
-    from taxon.report.tables import results_table
+    """Train what is missing, evaluate what is missing, write the report (HTML, Markdown, LaTeX,
+    CSV, figures) and print its summary and answers."""
     from taxon.study import executors, tracking
     from taxon.study.load import load_study
     from taxon.study.run import run_study
@@ -283,33 +285,64 @@ def study_run(
     run_study(study, s, console, executor=ex, report_to=tuple(report_to or ()),
               json_dir=json_dir or Path("results") / study.name / "json", launcher=launcher,
               experiments=experiments)
-    table = results_table(s, study.name)
+    _write_report(s, study.name, out or Path("results") / study.name / "report", summary_to=report)
+
+
+def _write_report(store, study: str | None, out: Path, summary_to: Path | None = None) -> None:
+    """The study's report: its summary and answers on the console, every format in `out`."""
+    from taxon.report.build import answer_lines
+    from taxon.report.write import report_study, summary_view
+
+    path, rep = report_study(store, study, out)
     console.rule("results")
-    console.print(table, highlight=False)
-    if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(f"# {study.name}\n\n{table}\n")
-        console.print(f"table written to {report}")
+    view = summary_view(rep.summary)
+    table = Table(*view.columns)
+    for row in view.itertuples(index=False):
+        table.add_row(*(str(v) for v in row))
+    console.print(table)
+    for note in rep.notes[:1]:
+        console.print(note, highlight=False)
+    console.rule("answers")
+    for line in answer_lines(rep):  # one line each, unwrapped, so they can be grepped and copied
+        console.print(line, highlight=False, soft_wrap=True, markup=False, emoji=False)
+    console.print(f"report: {path.resolve()}", highlight=False, soft_wrap=True)
+    if summary_to:
+        summary_to.parent.mkdir(parents=True, exist_ok=True)
+        summary_to.write_text(f"# {study}\n\n" + (out / "report.md").read_text())
+        console.print(f"report Markdown also written to {summary_to}")
 
 
 @app.command()
 def report(
-    store: StoreOpt = DEFAULT_STORE,
-    study: Annotated[str | None, typer.Option(help="Only this study.")] = None,
+    store_path: Annotated[Path | None, typer.Argument(
+        metavar="STORE", help="SQLite results file (default results/taxon.sqlite).")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help="Same as STORE.")] = None,
+    study: Annotated[str | None, typer.Option(help="Only this study (default: the store's only "
+                                              "study, else every experiment).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: beside the store, "
+                                             "<store>-report/).")] = None,
     json_dir: Annotated[Path | None, typer.Option(
         "--json", help="Also write one JSON file per experiment into this folder.")] = None,
 ) -> None:
-    """Print the results table of a store."""
-    from taxon.report.tables import results_table
+    """Write a store's report: one HTML page (opens offline), Markdown, LaTeX and CSV tables, and
+    the figures as PNG and SVG; print the summary and the answers to the research questions."""
     from taxon.study.store import Store
 
-    if not store.is_file():
-        raise TaxonError(f"no results store at {store}; run `taxon study run` or `taxon eval` first")
-    console.print(results_table(Store(store), study), highlight=False)
+    path = store_path or store or DEFAULT_STORE
+    if not path.is_file():
+        raise TaxonError(f"no results store at {path}; run `taxon study run` or `taxon eval` first")
+    s = Store(path)
+    names = s.study_names()
+    if study is not None and study not in names:
+        raise TaxonError(f"study '{study}' is not in {path} (it has: {', '.join(names) or 'none'}); "
+                         "pass one of those to --study")
+    if study is None and len(names) == 1:
+        study = names[0]
+    _write_report(s, study, out or path.with_name(f"{path.stem}-report"))
     if json_dir is not None:
         from taxon.study.export import export_study
 
-        paths = export_study(Store(store), study, json_dir)
+        paths = export_study(s, study, json_dir)
         console.print(f"{len(paths)} experiment JSON files written to {json_dir}")
 
 

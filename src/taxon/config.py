@@ -200,12 +200,40 @@ class ExperimentSpec(Spec):
     axes: dict[str, str | int | float] | None = Field(None, exclude_if=lambda v: v is None)
 
 
+class QuestionSpec(Spec):
+    """A research question the report answers from the study's results.
+
+    `compare` names arms (experiments without their `seed=` part): two arms give paired tests of
+    the first against the second, three or more a Friedman test with Nemenyi pairs. A `template`
+    (the thesis plan's rq1-rq5) finds its arms from the recipes and axes itself when `compare`
+    is left out. `tasks` and `metric` narrow it (default: every evaluated task, each by its primary
+    metric); the tests of one question form one Holm family."""
+
+    id: str | None = None
+    ask: str | None = None
+    template: Literal["rq1", "rq2", "rq3", "rq4", "rq5"] | None = None
+    compare: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    metric: str | None = None
+    axis: Literal["steps", "fraction"] | None = None  # rq5: the scaling axis to scan
+    share: float = Field(0.8, gt=0, le=1)  # rq5: the share of the large model's score to reach
+
+    @model_validator(mode="after")
+    def _asks_something(self) -> QuestionSpec:
+        if self.template is None and len(self.compare) < 2:
+            raise ValueError("a question needs `compare: [arm A, arm B, ...]` (two or more arms) or "
+                             "a `template` (rq1-rq5)")
+        return self
+
+
 class StudySpec(Spec):
     name: str
     model: str = "smollm2-135m"
     seed: int = 0
+    seeds: tuple[int, ...] | None = None  # expanded by the study loader into one run per seed
     eval: EvalSpec = EvalSpec()
     experiments: tuple[ExperimentSpec, ...]
+    questions: tuple[QuestionSpec, ...] = ()
 
     @model_validator(mode="after")
     def _unique_names(self) -> StudySpec:

@@ -51,16 +51,16 @@ def scalar_metrics(n_classes: int) -> dict[str, Callable]:
     # where scikit-learn's input checks dominate (tests/test_metrics.py: equal to f1_score).
     return {
         "accuracy": lambda t, p, pr: accuracy_score(t, p),
-        "macro_f1": lambda t, p, pr: float(_f1_by_class(t, p, n_classes)[0].mean()),
+        "macro_f1": lambda t, p, pr: float(f1_by_class(t, p, n_classes)[0].mean()),
         "weighted_f1": lambda t, p, pr: weighted_f1(t, p, n_classes),
         "ece": lambda t, p, pr: expected_calibration_error(t, pr),
         # GLUE's own metrics: Matthews correlation (CoLA) and F1 of label 1 (MRPC, QQP)
         "mcc": lambda t, p, pr: _mcc(t, p),
-        "binary_f1": lambda t, p, pr: float(_f1_by_class(t, p, max(n_classes, 2))[0][1]),
+        "binary_f1": lambda t, p, pr: float(f1_by_class(t, p, max(n_classes, 2))[0][1]),
     }
 
 
-def _f1_by_class(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def f1_by_class(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Each class's F1 (2·tp / (support + predicted); 0 where both are 0, scikit-learn's
     zero_division=0) and its support."""
     cm = np.bincount(np.asarray(y_true) * n_classes + np.asarray(y_pred),
@@ -72,7 +72,7 @@ def _f1_by_class(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tupl
 
 def weighted_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
     """Support-weighted F1 (scikit-learn's average="weighted")."""
-    f1, support = _f1_by_class(y_true, y_pred, n_classes)
+    f1, support = f1_by_class(y_true, y_pred, n_classes)
     return float((f1 * support).sum() / support.sum()) if support.sum() else 0.0
 
 

@@ -145,8 +145,11 @@ def wilcoxon_seeds(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA)
     """
     x, y = _paired_floats(a, b)
     n = len(x)
-    res = stats.wilcoxon(x, y, alternative="two-sided")
     effect = float(np.median(x - y))
+    if not np.any(x - y):  # scipy returns nan here: no signed rank carries any evidence
+        return Comparison("wilcoxon", n, 0.0, 1.0, None, effect,
+                          note="Wilcoxon signed-rank: every per-seed difference is 0, so p = 1")
+    res = stats.wilcoxon(x, y, alternative="two-sided")
     floor = smallest_wilcoxon_p(n)
     note = "Wilcoxon signed-rank (scipy, two-sided); effect = median of per-seed differences a - b"
     if floor >= alpha:
@@ -164,9 +167,14 @@ def paired_t_seeds(a: Sequence[float], b: Sequence[float]) -> Comparison:
     """
     x, y = _paired_floats(a, b)
     n = len(x)
+    diff = x - y
+    if not np.any(diff - diff.mean()):  # constant differences: t is undefined (scipy: nan)
+        return Comparison("paired_t", n, None, 1.0 if not diff.any() else float("nan"), None, None,
+                          float(diff.mean()), float(diff.mean()),
+                          note="paired t: every per-seed difference is the same, so t is undefined; "
+                               "p is 1 when that difference is 0, else undefined (nan)")
     res = stats.ttest_rel(x, y)
     ci = res.confidence_interval(0.95)
-    diff = x - y
     sd = float(np.std(diff, ddof=1)) if n > 1 else 0.0
     mean = float(diff.mean())
     d = mean / sd if sd > 0 else None
@@ -194,6 +202,10 @@ def friedman(scores: Mapping[str, Sequence[float]]) -> Comparison:
     """
     m = _block_matrix(scores)
     n_blocks, k = m.shape
+    if all(len(set(row)) == 1 for row in m.to_numpy()):  # every block ties all arms: scipy gives nan
+        return Comparison("friedman", n_blocks, 0.0, 1.0, None, 0.0,
+                          note=f"Friedman over {k} arms x {n_blocks} blocks: every block ties all "
+                               "arms, p = 1")
     res = stats.friedmanchisquare(*(m[c].to_numpy() for c in m.columns))
     w = float(res.statistic) / (n_blocks * (k - 1))
     note = (f"Friedman chi-square (scipy) over {k} arms x {n_blocks} blocks; "
@@ -258,3 +270,63 @@ def items_needed(comparison: Comparison, alpha: float = ALPHA) -> Comparison:
     return dataclasses.replace(base, n=needed, statistic=z_obs, note=(
         f"approximation: {verdict}; if the effect stayed at {comparison.effect:.4g}, about {needed} items "
         f"would give p < {alpha:g} (n scaled by (z_crit / z_obs)^2 = ({z_crit:.3f} / {z_obs:.3f})^2)"))
+
+
+# --- seeds and items together ------------------------------------------------------------------
+# A seed's score is a statistic of its test items: `ItemStat(idx) -> float` recomputes the metric
+# (F1, MCC, loss) on the item indices `idx`. The two functions below resample both levels, so the
+# interval carries the seed-to-seed spread and the test-set sampling error, and seed x item rows
+# are never pooled as if independent.
+
+def two_level_bootstrap(per_seed: Sequence, n_items: int, n_resamples: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of an arm's mean over seeds: each resample draws seeds with
+    replacement, then, for each drawn seed, its test items with replacement, and averages the
+    recomputed metric over the drawn seeds (a hierarchical bootstrap, seeds then items)."""
+    rng = np.random.default_rng(seed)
+    k = len(per_seed)
+    values = np.empty(n_resamples)
+    for r in range(n_resamples):
+        drawn = rng.integers(0, k, k)
+        values[r] = np.mean([per_seed[s](rng.integers(0, n_items, n_items)) for s in drawn])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def paired_two_level_bootstrap(a: Sequence, b: Sequence, n_items: int, n_resamples: int = 1000,
+                               seed: int = 0, metric: str = "metric") -> Comparison:
+    """Difference mean_s metric(a_s) - mean_s metric(b_s) over the same test items, resampling
+    seeds (paired by position: a's i-th seed with b's i-th; an arm with one seed, such as zero-shot,
+    pairs with every seed of the other) and then items jointly for both arms.
+
+    With one seed on each side this is `paired_bootstrap` over items; with several it also carries
+    the seed-to-seed spread, which a bootstrap over pooled seed x item rows would hide."""
+    k = max(len(a), len(b))
+    if min(len(a), len(b)) not in (1, k):
+        raise ValueError(f"arms need equal seed counts (or one seed), got {len(a)} and {len(b)}")
+    pick_a = (lambda s: a[s]) if len(a) == k else (lambda s: a[0])
+    pick_b = (lambda s: b[s]) if len(b) == k else (lambda s: b[0])
+    every = np.arange(n_items)
+    effect = float(np.mean([pick_a(s)(every) - pick_b(s)(every) for s in range(k)]))
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n_resamples)
+    for r in range(n_resamples):
+        drawn = rng.integers(0, k, k) if k > 1 else np.zeros(1, dtype=int)
+        total = 0.0
+        for s in drawn:
+            idx = rng.integers(0, n_items, n_items)
+            total += pick_a(s)(idx) - pick_b(s)(idx)
+        diffs[r] = total / len(drawn)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    if effect > 0:
+        p = min(1.0, 2 * float(np.mean(diffs <= 0)))
+    elif effect < 0:
+        p = min(1.0, 2 * float(np.mean(diffs >= 0)))
+    else:
+        p = 1.0
+    levels = f"{k} seeds, then {n_items} items" if k > 1 else f"{n_items} items"
+    note = (f"paired bootstrap of {metric} ({levels}), {n_resamples} resamples (seed {seed}), metric "
+            f"recomputed on each resample; effect = a - b with its percentile 95% interval; p = 2 x "
+            f"share of resampled differences on the other side of 0 (resolution 1/{n_resamples})")
+    return Comparison("paired_bootstrap", n_items, effect, p, None, effect, float(low), float(high), note)

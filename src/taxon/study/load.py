@@ -4,19 +4,65 @@ below it know nothing of recipes."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from taxon.config import StudySpec, load_yaml, parse
+from taxon.errors import TaxonError
 from taxon.study.grid import expand_study
+
+_SEED = re.compile(r"(?:^|,)seed=-?\d+(?=,|$)")
+
+
+def arm_of(name: str) -> str:
+    """The arm an experiment belongs to: its name without the `seed=` part (`lora[seed=1]` and
+    `lora[seed=2]` are arm `lora`; `sequential[task=fpb,seed=0]` is `sequential[task=fpb]`)."""
+    head, bracket, rest = name.partition("[")
+    if not bracket:
+        return name
+    inner = _SEED.sub("", rest.removesuffix("]")).strip(",")
+    return f"{head}[{inner}]" if inner else head
+
+
+def _replicate(experiments: list, seeds: list) -> list:
+    """`seeds: [0, 1, 2]`: each listed experiment that trains becomes one experiment per seed,
+    `name[seed=s]`, its stages seeded with s. The report groups them back into one arm. An
+    experiment without stages (zero-shot) is deterministic and stays one."""
+    out = []
+    for exp in experiments:
+        if not isinstance(exp, dict) or not exp.get("stages") or "axes" in exp:
+            out.append(exp)
+            continue
+        for s in seeds:
+            stages = [{**st, "seed": s} if isinstance(st, dict) else st for st in exp["stages"]]
+            out.append({**exp, "name": f"{exp.get('name')}[seed={s}]", "stages": stages,
+                        "axes": {**(exp.get("axes") or {}), "seed": s}})
+    return out
 
 
 def load_study(path: str | Path) -> StudySpec:
     """Parse a study file. Top-level `x-` keys only hold YAML anchors. Stages and the evaluation
-    take the study's seed unless they set one."""
+    take the study's seed unless they set one; `seeds:` repeats every training experiment (and
+    every grid block without its own `seed` axis) once per seed, while the evaluation keeps the
+    study's seed, so all seeds are scored on the same test items."""
     data = {k: v for k, v in load_yaml(path).items() if not str(k).startswith("x-")}
+    seeds = data.get("seeds")
+    if seeds is not None:
+        if not (isinstance(seeds, list) and seeds and all(type(s) is int for s in seeds)
+                and len(set(seeds)) == len(seeds)):
+            raise TaxonError(f"{path}: field 'seeds': {seeds!r} must be a list of distinct integers, "
+                             "e.g. [0, 1, 2]; fix the file")
+        data["seed"] = data.get("seed", seeds[0])
+        for block in data.get("grid") or []:
+            if isinstance(block, dict):
+                block.setdefault("seed", list(seeds))
     seed = data.get("seed", 0)
     if "grid" in data or "data" in data:  # named recipes over axes, added to `experiments`
         data = expand_study(data, str(path))
+    if seeds is not None:
+        listed = [e for e in data.get("experiments") or [] if not (isinstance(e, dict) and "axes" in e)]
+        gridded = [e for e in data.get("experiments") or [] if isinstance(e, dict) and "axes" in e]
+        data["experiments"] = _replicate(listed, seeds) + gridded
     for exp in data.get("experiments") or []:
         for stage in (exp.get("stages") or []) if isinstance(exp, dict) else []:
             if isinstance(stage, dict):

@@ -272,6 +272,7 @@ def run_study(study: StudySpec, store: Store, console: Console | None = None, ex
     ctx = _Ctx(study.name, store, console, uuid.uuid4().hex[:16], study.eval, tuple(report_to),
                launcher, train_options=dict(train_options or {}))
     store.start_run(ctx.run_id, study.name, executor.name, environment())
+    store.add_study(study.name, study.model_dump(mode="json"))
     evals_of = {e.name: {k: j.eval_key for k, j in jobs.items()
                          if isinstance(j, EvalJob) and e.name in j.experiments}
                 for e in experiments}

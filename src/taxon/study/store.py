@@ -48,6 +48,8 @@ CREATE TABLE IF NOT EXISTS eval_resources (
     model_key TEXT NOT NULL, eval_key TEXT NOT NULL, run_id TEXT, wall_seconds REAL,
     tokens INTEGER, peak_memory_mb REAL, total_params INTEGER, trainable_params INTEGER,
     created REAL NOT NULL, PRIMARY KEY (model_key, eval_key));
+CREATE TABLE IF NOT EXISTS studies (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, kind TEXT NOT NULL, key TEXT NOT NULL,
     created REAL NOT NULL);
@@ -146,6 +148,20 @@ class Store:
     def finish_run(self, run_id: str) -> None:
         with self._write():
             self.db.execute("UPDATE runs SET finished=? WHERE id=?", (time.time(), run_id))
+
+    def add_study(self, name: str, spec: dict) -> None:
+        """The study file as last run (its research questions, for `taxon report`)."""
+        with self._write():
+            self.db.execute("INSERT OR REPLACE INTO studies VALUES (?,?,?)",
+                            (name, json.dumps(spec), time.time()))
+
+    def study_spec(self, name: str) -> dict | None:
+        row = self.db.execute("SELECT spec FROM studies WHERE name=?", (name,)).fetchone()
+        return None if row is None else json.loads(row["spec"])
+
+    def study_names(self) -> list[str]:
+        q = "SELECT DISTINCT study FROM experiments ORDER BY created"
+        return [r["study"] for r in self.db.execute(q)]
 
     def runs(self) -> list[dict]:
         return [{**dict(r), "environment": json.loads(r["environment"])}

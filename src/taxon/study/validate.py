@@ -21,6 +21,7 @@ from taxon.errors import TaxonError
 from taxon.evals.tasks import held_out_splits, missing_data, parse_task_list
 from taxon.identity import model_identity
 from taxon.models import resolve, resolve_targets
+from taxon.study.load import arm_of
 from taxon.study.plan import PlannedExperiment, plan
 
 SHOWN = 3  # experiments named per problem shared by many
@@ -96,6 +97,17 @@ def _collect(study: StudySpec, for_run: bool) -> tuple[dict[str, list[str]], dic
                       lambda stage=stage, model=model: (resolve_targets(stage, model) and None, None))
     for name in study.eval.tasks if list(study.eval.tasks) != ["all"] else ():
         check("eval", lambda name=name: (None, _task_unavailable(name)))
+    arms = list(dict.fromkeys(arm_of(e.name) for e in study.experiments))
+    for i, q in enumerate(study.questions, 1):
+        for name in q.compare:
+            if name not in arms:
+                errors.setdefault(f"no arm named '{name}' (arms: {', '.join(arms)}); use an experiment "
+                                  "name without its seed=", []).append(f"question {q.id or i}")
+        for task in q.tasks:
+            if task not in study.eval.tasks and list(study.eval.tasks) != ["all"]:
+                errors.setdefault(f"task '{task}' is not evaluated (eval.tasks: "
+                                  f"{', '.join(study.eval.tasks)}); add it there or leave it out",
+                                  []).append(f"question {q.id or i}")
     return errors, notes
 
 
