@@ -19,7 +19,7 @@ endif
 # /tmp are pruned by later sessions, and one vanished under a running worker once.
 PYTEST_PARALLEL ?= -n auto --dist loadscope --no-loadscope-reorder --basetemp=$(CURDIR)/.pytest-tmp
 
-.PHONY: setup model test demo lint clean
+.PHONY: setup model test demo lint clean browser
 
 setup: $(STAMP)
 
@@ -38,10 +38,16 @@ $(MODEL_STAMP): $(STAMP)
 	for m in tiny tiny-gpt2 tiny-qwen2 tiny-gemma2 tiny-gemma3; do $(BIN)/taxon models --prepare $$m || exit 1; done
 	touch $@
 
-test: $(MODEL_STAMP)
+test: $(MODEL_STAMP) browser
 	$(BIN)/ruff check src tests benchmarks main.py
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q $(PYTEST_PARALLEL)
+
+# tests/test_report.py opens a report in headless Chromium: Debian's package, installed here when
+# missing and this is root (CI); otherwise that one test says how to install it.
+browser:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 demo: $(MODEL_STAMP)
 	$(BIN)/taxon study run examples/quickstart.yaml --report results/quickstart.md
