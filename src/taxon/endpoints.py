@@ -13,8 +13,8 @@ an API is named by what the server reports about it.
   (a server without GET /models). Asked once per `probe_ttl_s` (kept in the API cache), so a rerun
   against a hosted API sends nothing.
 - **Requests** (`send`): 408, 409, 429, 5xx and lost connections are retried with exponential
-  backoff (honouring `Retry-After`) until `max_wait_s` of waiting; any other 4xx fails at once as
-  one line naming the fix.
+  backoff (honouring `Retry-After`) until `max_wait_s` of waiting (a refused connection: four
+  tries); any other 4xx fails at once as one line naming the fix.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ PREFIX = "api:"
 ChoiceMethod = Literal["loglikelihood-echo", "top-logprobs", "constrained-choice"]
 RETRY_STATUS = {408, 409, 429}
 BACKOFF_S, BACKOFF_CAP_S = 1.0, 60.0
+CONNECT_TRIES = 4  # a refused connection is retried (a server restarting), but not for minutes
 MESSAGE_CHARS = 240
 
 
@@ -231,6 +232,9 @@ def send(client, api: ApiModel, method: str, path: str, body: dict | None = None
         if status is not None and status < 500 and status not in RETRY_STATUS:
             raise TaxonError(f"{api.name}: {status} from {url}: {_message(response, api.key)}; "
                              f"{_fix(status, api)}")
+        if status is None and reason.startswith("ConnectError") and tries >= CONNECT_TRIES:
+            raise TaxonError(f"{api.name}: cannot connect to {url} ({reason}); is the server running? "
+                             f"Check base_url of endpoint '{api.endpoint}'")
         wait = retry_after(response) if response is not None else None
         if wait is None:
             wait = min(BACKOFF_CAP_S, BACKOFF_S * 2 ** (tries - 1)) * (0.5 + random.random() / 2)
