@@ -460,3 +460,12 @@ def test_unparsed_predictions_count_wrong_in_every_metric():
         f1_score(gold, pred, labels=[0, 1, 2], average="weighted"))
     assert m["unparsed"] == {"count": 2, "rate": pytest.approx(2 / 6)}
     assert json.dumps(m)  # storable
+
+
+def test_perplexity_through_an_api_is_refused_in_one_line(env, taxon_server, tmp_path):
+    env(taxon_server)
+    r = run_taxon("eval", "--model", "api:t/base", "--tasks", "fpb,eval_domain", "--store",
+                  tmp_path / "s.sqlite")
+    assert r.returncode == 2 and "cannot be scored through an API" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert posts(taxon_server) <= 1 and not (tmp_path / "s.sqlite").exists()  # fpb's echo check at most

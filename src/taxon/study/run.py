@@ -208,6 +208,11 @@ def build_jobs(study: StudySpec, experiments: list[PlannedExperiment],
             base = str(stage.path)
         last = exp.stages[-1].id if exp.stages else None
         for task in tasks:
+            if exp.model_key.startswith("api:") and task.output == "perplexity":
+                if console is not None:  # only `--tasks all` gets here: a named one is refused first
+                    console.print(f"[yellow]skip {task.name}[/yellow] for {exp.model}: perplexity "
+                                  "cannot be scored through an API")
+                continue
             job = EvalJob(exp.model_key, exp.location, task.name, eval_key(task, study.eval, exp.model_key),
                           (exp.name,),
                           last, (f"stage:{last}",) if last else ())
