@@ -13,6 +13,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# This checkout's source for pytest (pyproject's `pythonpath`) and for every process a test starts
+# (CLI subprocesses, Ray workers, torchrun), whatever an environment's editable install points at.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO_ROOT / "src"), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
+
 if not os.environ.get("TAXON_DATA_DIR"):
     _sibling = REPO_ROOT.parent / "shared" / "data"
     if _sibling.is_dir():

@@ -148,3 +148,56 @@ def test_its_directory_is_removed_afterwards():
     where = Path(o.reason.split("cwd=", 1)[1])
     assert o.status == "failed" and where.name.startswith("taxon-sandbox-")
     assert not where.exists()
+
+
+# --- reading: only Python's installation, its sys.path and the program's own folder -------------
+
+
+@pytest.fixture
+def secret(tmp_path) -> Path:
+    """A file the user can read, outside the sandbox and outside Python's installation."""
+    path = tmp_path / "api-key.txt"
+    path.write_text("sk-secret-7f3a\n")
+    return path
+
+
+READS = [
+    "print(open({p!r}).read())",
+    "import pathlib\nprint(pathlib.Path({p!r}).read_bytes())",
+    "import os\nprint(os.read(os.open({p!r}, os.O_RDONLY), 100))",
+]
+
+
+@pytest.mark.parametrize("how", READS)
+def test_refuses_reading_files_outside(secret, how):
+    o = run_program(how.format(p=str(secret)) + "\n", FAST)
+    assert o.status == "error" and "sandbox refused" in o.reason, o
+    assert "sk-secret" not in o.reason
+
+
+@pytest.mark.skipif(not guards()["landlock"], reason="this kernel has no landlock")
+@pytest.mark.parametrize("how", READS)
+def test_landlock_alone_refuses_reading_outside(secret, how):
+    o = run_program(how.format(p=str(secret)) + "\n", FAST, audit_hook=False)
+    assert o.status == "failed" and "PermissionError" in o.reason, o
+    assert "sk-secret" not in o.reason
+
+
+@pytest.mark.skipif(not guards()["landlock"], reason="this kernel has no landlock")
+def test_landlock_alone_refuses_system_secrets_and_listing_home():
+    for path in ("/etc/shadow", "/etc/passwd"):
+        if Path(path).exists():
+            o = run_program(f"open({path!r}).read()\n", FAST, audit_hook=False)
+            assert o.status == "failed" and "PermissionError" in o.reason, (path, o)
+    o = run_program(f"import os\nos.listdir({str(Path.home())!r})\n", FAST, audit_hook=False)
+    assert o.status == "failed" and "PermissionError" in o.reason, o
+
+
+def test_reads_its_own_folder_and_the_standard_library():
+    src = ("open('data.txt', 'w').write('42')\nassert open('data.txt').read() == '42'\n"
+           "import json, decimal, datetime, hashlib, sqlite3, zoneinfo, collections\n"
+           "assert hashlib.sha256(b'x').hexdigest()\nimport numpy\n")
+    o = run_program(src, Limits(memory_mb=2048))
+    assert o.status == "passed", o
+    o = run_program(src, Limits(memory_mb=2048), audit_hook=False)
+    assert o.status == "passed", o

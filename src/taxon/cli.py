@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from taxon.config import EvalSpec, StageSpec, default, parse
+from taxon.endpoints import ENDPOINTS_ENV
 from taxon.errors import TaxonError, guarded
 from taxon.settings import CARDS_DIR_ENV, DATA_DIR_ENV
 
@@ -42,7 +43,12 @@ def _global(
         f"default ${DATA_DIR_ENV}.")] = None,
     cards_dir: Annotated[Path | None, typer.Option(
         "--cards-dir", help=f"Folder of your own dataset cards; default ${CARDS_DIR_ENV}.")] = None,
+    endpoints: Annotated[Path | None, typer.Option(
+        "--endpoints", help=f"YAML file of your own API endpoints (added to and overriding the "
+        f"shipped ones) for --model api:<endpoint>/<model>; default ${ENDPOINTS_ENV}.")] = None,
 ) -> None:
+    if endpoints is not None:
+        os.environ[ENDPOINTS_ENV] = str(endpoints)
     if data_dir is not None:
         os.environ[DATA_DIR_ENV] = str(data_dir)
     if cards_dir is not None:
@@ -206,19 +212,46 @@ def eval_(
     seed: int = default(EvalSpec, "seed"),
     batch_size: int = default(EvalSpec, "batch_size"),
     precision: Annotated[str, typer.Option(help="fp32, bf16 or auto.")] = default(EvalSpec, "precision"),
+    api_method: Annotated[str, typer.Option(
+        help="API models (--model api:<endpoint>/<model>): how classification tasks are scored: "
+        "loglikelihood-echo, top-logprobs, constrained-choice, or auto (the endpoint's "
+        "choice_method).")] = default(EvalSpec, "api_method"),
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
     """Evaluate a model on tasks (a zero-stage study); results go to the store, keyed by the
-    model's identity (a folder by its stage id or the digest of its weights), and a table is
-    printed."""
+    model's identity (a folder by its stage id or the digest of its weights; an API model by its
+    endpoint, name and fingerprint), and a table is printed."""
     from taxon.report.tables import results_table
     from taxon.study.run import run_single
 
     spec = parse(EvalSpec, {"tasks": tasks.split(","), "shots": shots, "limit": limit,
-                            "seed": seed, "batch_size": batch_size, "precision": precision},
-                 "command line")
+                            "seed": seed, "batch_size": batch_size, "precision": precision,
+                            "api_method": api_method}, "command line")
     _, s = run_single("eval", model, model, (), spec, store, console)  # type: ignore[arg-type]
     console.print(results_table(s, "eval"), highlight=False)
+
+
+@app.command()
+def serve(
+    models: Annotated[list[str], typer.Argument(
+        help="Models to serve: aliases, Hub ids, folders, stage or LoRA checkpoints.",
+        show_default=False)],
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")]
+    = "127.0.0.1",
+    name: Annotated[list[str] | None, typer.Option(
+        "--name", help="The name requests use for each model, in order (default: as given).")] = None,
+    precision: Annotated[str, typer.Option(help="fp32 or bf16 (autocast).")] = "fp32",
+) -> None:
+    """Serve models through an OpenAI-compatible API (/v1/models, /v1/completions with echo and
+    logprobs, /v1/chat/completions); use them with `taxon eval --model api:local/<name>`."""
+    from taxon.serve import serve as run_server
+
+    if not 0 < port < 65536:
+        raise TaxonError(f"--port {port}: give a TCP port between 1 and 65535")
+    if precision not in ("fp32", "bf16"):
+        raise TaxonError(f"--precision {precision}: choose fp32 or bf16")
+    run_server(models, name, host, port, precision == "bf16", console)
 
 
 @study_app.command("plan")

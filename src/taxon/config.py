@@ -187,6 +187,9 @@ class EvalSpec(Spec):
     batch_size: int = Field(16, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     seed: int = 0
+    # Models behind an API (`api:...`): how classification tasks are scored; `auto`: the endpoint's
+    # `choice_method` (evals/endpoints.yaml). Local models ignore it.
+    api_method: Literal["auto", "loglikelihood-echo", "top-logprobs", "constrained-choice"] = "auto"
 
 
 class ExperimentSpec(Spec):

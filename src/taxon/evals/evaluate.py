@@ -14,7 +14,7 @@ from taxon.data.cards import get_card
 from taxon.data.mixture import encode_pair
 from taxon.data.sources import load_rows
 from taxon.evals import execution, items, ner, subsets
-from taxon.evals.generation import extract, generate, prompt_budget
+from taxon.evals.generation import Generation, extract, generate, prompt_budget
 from taxon.evals.metrics import classification_report, generation_report, generation_scores, perplexity_report
 from taxon.evals.scoring import loglikelihoods
 from taxon.evals.tasks import TaskSpec
@@ -98,10 +98,9 @@ def _items(task: TaskSpec, limit: int | None, seed: int):
     return items.expand(task, rows), n_rows * k, None
 
 
-def _contexts(tokenizer, task: TaskSpec, its: list[items.Item], shots: int, seed: int):
-    """Each item's prompt, demonstrations (from its own subset) and chat formatting applied; and
-    whether chat was used."""
-    chat = render.uses_chat(tokenizer, task.chat)
+def prompts(task: TaskSpec, its: list[items.Item], shots: int, seed: int) -> list[tuple[str, list]]:
+    """Each item's prompt and its demonstrations (from its own subset, drawn with the seed), before
+    any formatting: (prompt, [(demo prompt, demo completion), ...])."""
     rng = np.random.default_rng(seed)
     questions = {q["name"]: q for q in task.questions or ()}
     out, pools = [], {}
@@ -118,8 +117,16 @@ def _contexts(tokenizer, task: TaskSpec, its: list[items.Item], shots: int, seed
                 demos[0] = (header + demos[0][0], demos[0][1])
             else:
                 prompt = header + prompt
-        out.append(render.format_prompt(tokenizer, prompt, chat, demos))
-    return out, chat
+        out.append((prompt, demos))
+    return out
+
+
+def _contexts(tokenizer, task: TaskSpec, its: list[items.Item], shots: int, seed: int):
+    """Each item's prompt, demonstrations (from its own subset) and chat formatting applied; and
+    whether chat was used."""
+    chat = render.uses_chat(tokenizer, task.chat)
+    return [render.format_prompt(tokenizer, prompt, chat, demos)
+            for prompt, demos in prompts(task, its, shots, seed)], chat
 
 
 def multiple_choice_items(tokenizer, task: TaskSpec, *, shots: int, limit: int | None, seed: int):
@@ -197,12 +204,19 @@ def gold_answer(task: TaskSpec, card, vars: dict) -> str:
 
 def _generate(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_size,
               bf16) -> TaskResult:
-    card = get_card(task.dataset).for_config(task.config)
     its, n_total, _ = _items(task, limit, seed)
     contexts, chat = _contexts(tokenizer, task, its, shots, seed)
-    golds = [gold_answer(task, card, it.vars) for it in its]
     gens = generate(model, tokenizer, contexts, max_new_tokens=task.max_new_tokens, stop=task.stop,
                     batch_size=batch_size, bf16=bf16, desc=task.name)
+    return generation_result(task, its, n_total, shots, seed, gens, chat)
+
+
+def generation_result(task: TaskSpec, its: list[items.Item], n_total: int, shots: int, seed: int,
+                      gens: list[Generation], chat: bool) -> TaskResult:
+    """A generation task's result from each item's generated text: answers extracted, metrics with
+    intervals (pass@1 runs the programs), every prediction with its raw output."""
+    card = get_card(task.dataset).for_config(task.config)
+    golds = [gold_answer(task, card, it.vars) for it in its]
     preds = [extract(task.extractor, g.text) for g in gens]
     names = [n for n in task.all_metrics if n != "entity_f1"]
     scores = generation_scores(golds, preds, [n for n in names if n != "pass_at_1"], task.rel_tol)

@@ -62,10 +62,13 @@ def scalar_metrics(n_classes: int) -> dict[str, Callable]:
 
 def f1_by_class(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Each class's F1 (2·tp / (support + predicted); 0 where both are 0, scikit-learn's
-    zero_division=0) and its support."""
-    cm = np.bincount(np.asarray(y_true) * n_classes + np.asarray(y_pred),
-                     minlength=n_classes * n_classes).reshape(n_classes, -1)
-    tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    zero_division=0) and its support. A prediction of -1 (an API reply that named no label,
+    UNPARSED) is wrong for its item and predicts no class."""
+    y_pred = np.asarray(y_pred)
+    width = n_classes + 1  # the last column: unparsed
+    cm = np.bincount(np.asarray(y_true) * width + np.where(y_pred < 0, n_classes, y_pred),
+                     minlength=n_classes * width).reshape(n_classes, width)
+    tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm[:, :n_classes].sum(axis=0)
     denom = support + predicted
     return np.divide(2 * tp, denom, out=np.zeros(n_classes), where=denom > 0), support
 
@@ -83,10 +86,17 @@ def avg_f1(y_true, y_pred, groups, n_classes: int) -> float:
                           for g in np.unique(groups)]))
 
 
+UNPARSED = -1  # the prediction of an item whose reply (an API model's) named no label
+
+
 def classification_report(y_true, y_pred, probs, label_names, names, seed=0, n_resamples=1000,
                           groups=None):
     """{metric: {value, low, high}} for each scalar metric in `names`, plus the confusion matrix
-    and per-class precision/recall/F1. `groups`: each item's question, for `avg_f1`."""
+    and per-class precision/recall/F1. `groups`: each item's question, for `avg_f1`.
+
+    A prediction may be UNPARSED (-1): it counts as wrong in every metric (accuracy, each class's
+    recall, hence the F1s), is in no class's precision and no column of the confusion matrix, and
+    `unparsed` gives its count and share (present whenever there is one)."""
     y_true, y_pred, probs = np.asarray(y_true), np.asarray(y_pred), np.asarray(probs)
     fns = scalar_metrics(len(label_names))
     out: dict = {}
@@ -110,6 +120,9 @@ def classification_report(y_true, y_pred, probs, label_names, names, seed=0, n_r
         for i in labels
     }
     out["confusion"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    unparsed = int((y_pred == UNPARSED).sum())
+    if unparsed:
+        out["unparsed"] = {"count": unparsed, "rate": unparsed / len(y_pred)}
     if g is not None:
         out["per_group"] = {str(q): {"weighted_f1": weighted_f1(y_true[g == q], y_pred[g == q], k),
                                      "n": int((g == q).sum())} for q in dict.fromkeys(g.tolist())}

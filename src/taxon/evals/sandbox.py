@@ -5,15 +5,19 @@ folder on sys.path) whose cwd, HOME and TMPDIR are a new temporary directory, re
 The guards, strongest first; `guards()` says which hold on this machine (each is probed once):
 
 - landlock (Linux >= 5.13, no privileges needed): the kernel refuses writing, creating, removing
-  or renaming anything outside the directory; from landlock ABI 4 also TCP bind/connect, from
-  ABI 6 signals to processes outside the sandbox.
+  or renaming anything outside the directory, and reading or executing anything but the directory
+  and what Python needs (`readable_paths`: its installation and every folder on its `sys.path`,
+  the system's shared libraries, the time-zone data); from landlock ABI 4 also TCP bind/connect,
+  from ABI 6 signals to processes outside the sandbox. So a program cannot read the user's files
+  (an API key file, ~/.ssh, /etc/shadow as root) into its stored output.
 - `unshare --net --pid --fork --kill-child` inside a user namespace (no root needed where user
   namespaces are allowed): no network interface but a loopback that is down, and every process the
   program starts dies with it.
 - resource limits set before the program runs: CPU seconds, address space (RLIMIT_AS), file size,
   no core dumps; the wall clock is enforced from outside by killing the process group.
 - an audit hook (PEP 578), always: refuses sockets, subprocesses, exec/fork/spawn, kill, writes
-  outside the directory, ctypes calls and raising the limits, with a message naming what was
+  outside the directory, opening files outside the readable paths, ctypes calls and raising the
+  limits, with a message naming what was
   refused. A hook cannot be removed from inside, but PEP 578 hooks are not a boundary against a
   determined attacker; they catch ordinary misbehaviour of model output with a clear reason, and
   the kernel guards above hold regardless.
@@ -78,10 +82,24 @@ import os, sys, resource
 root = sys.argv[1]
 cpu, mem, fsize, abi, use_hook = (int(a) for a in sys.argv[2:7])
 
-def landlock(root, abi):
+# What Python needs to read (and map as code): its installation, the folders on its sys.path,
+# the shared libraries extension modules load, the time-zone data. Nothing else of the machine.
+SYSTEM_READABLE = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/local/lib", "/usr/share/zoneinfo",
+                   "/etc/ld.so.cache", "/etc/localtime", "/dev/null", "/dev/zero", "/dev/urandom")
+
+def readable_paths(root):
+    found = [root]
+    for p in (*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+              os.path.dirname(sys.executable), *SYSTEM_READABLE):
+        if p and os.path.exists(p):
+            found.append(os.path.realpath(p))
+    return sorted(set(found))
+
+def landlock(root, abi, readable):
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
-    fs = (1 << 1) | sum(1 << b for b in range(4, 13))  # write file; remove, make anything
+    read = (1 << 0) | (1 << 2) | (1 << 3)  # execute, read file, read directory
+    fs = read | (1 << 1) | sum(1 << b for b in range(4, 13))  # write file; remove, make anything
     fs |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
     net = 3 if abi >= 4 else 0  # TCP bind, TCP connect: handled, no rule allows them
     scoped = 3 if abi >= 6 else 0  # abstract unix sockets, signals
@@ -93,8 +111,11 @@ def landlock(root, abi):
     class Beneath(ctypes.Structure):
         _pack_ = 1
         _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
-    file_rights = fs & ((1 << 1) | (1 << 14) | (1 << 15))
-    for path, rights in ((root, fs), ("/dev/null", file_rights)):
+    file_only = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15)
+    rules = [(root, fs), ("/dev/null", fs & file_only)]
+    rules += [(p, read) for p in readable if p not in (root, "/dev/null")]
+    for path, rights in rules:
+        rights = rights if os.path.isdir(path) else rights & file_only
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         if libc.syscall(445, ruleset, 1, ctypes.byref(Beneath(rights, fd)), 0) < 0:
             raise OSError(ctypes.get_errno(), "landlock_add_rule " + path)
@@ -103,8 +124,9 @@ def landlock(root, abi):
         raise OSError(ctypes.get_errno(), "landlock_restrict_self")
     os.close(ruleset)
 
+readable = readable_paths(os.path.realpath(root))
 if abi:
-    landlock(root, abi)
+    landlock(root, abi, readable)
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
@@ -112,15 +134,21 @@ resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 with open("program.py") as f:
     source = f.read()
 
-def install(root, write=os.write, realpath=os.path.realpath, fsdecode=os.fsdecode):
+def install(root, readable, write=os.write, realpath=os.path.realpath, fsdecode=os.fsdecode):
     prefix = root.rstrip("/") + "/"
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    readable = tuple(readable)
     refused = []
     def inside(path):
         if isinstance(path, int):
             return True  # an already open descriptor: it was checked when opened
         path = realpath(fsdecode(path))
         return path == root or path.startswith(prefix) or path == "/dev/null"
+    def can_read(path):
+        if isinstance(path, int):
+            return True
+        path = realpath(fsdecode(path))
+        return any(path == r or path.startswith(r.rstrip("/") + "/") for r in readable)
     def refuse(event, what):
         msg = "sandbox refused " + event + ": " + repr(what)[:200]
         refused.append(msg)
@@ -140,6 +168,8 @@ def install(root, write=os.write, realpath=os.path.realpath, fsdecode=os.fsdecod
             path, mode, flags = args
             if path is not None and (flags or 0) & writing and not inside(path):
                 refuse(event, path)
+            elif path is not None and not can_read(path):
+                refuse(event, path)
         elif event.startswith(blocked):
             refuse(event, args)
         elif event == "ctypes.dlopen" and args[0] is not None:
@@ -153,7 +183,7 @@ def install(root, write=os.write, realpath=os.path.realpath, fsdecode=os.fsdecod
     return refused
 
 import traceback
-refused = install(os.path.realpath(root)) if use_hook else []
+refused = install(os.path.realpath(root), readable) if use_hook else []
 code = compile(source, "program.py", "exec")
 status = 1
 try:

@@ -48,7 +48,10 @@ class PlannedExperiment:
 
     @property
     def location(self) -> str:
-        """What `load_model` takes to load it."""
+        """What `load_model` takes to load it; for a model behind an API, its identity (the name
+        with the fingerprint pinned, so evaluating asks the server nothing more about it)."""
+        if not self.stages and self.root.startswith("api:"):
+            return self.root
         return str(self.stages[-1].path) if self.stages else self.model
 
 

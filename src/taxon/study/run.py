@@ -147,10 +147,18 @@ class EvalJob:
         ctx.store.add_result(self.model_key, self.eval_key, result, resources, ctx.run_id)
         primary = get_task(self.task).primary
         m, eff = result.metrics[primary], result.metrics["efficiency"]
+        api = result.metrics.get("settings", {}).get("api")
+        if api is not None:  # a model behind an API: requests, cache, tokens and cost instead
+            cost = (f"{api['method']}, {api['requests']} requests, {api['cache_hits']} from the cache, "
+                    f"{api['retries']} retries, {api['prompt_tokens']:,} + {api['completion_tokens']:,} "
+                    f"tokens, ${api['cost_usd']:.4f} (this run ${api['spent_usd']:.4f})"
+                    + (f", {api['unparsed']} unparsed replies" if api["unparsed"] else ""))
+        else:
+            cost = (f"{eff['tokens_per_s'] or 0:.0f} tokens/s, peak {eff['peak_memory_mb']:.0f} MB")
         ctx.console.print(f"  {', '.join(self.experiments)} / {self.task}: "
                           f"{primary} {m['value']:.3f} [{m['low']:.3f}, "
-                          f"{m['high']:.3f}] on {result.n} items ({result.seconds:.0f} s, "
-                          f"{eff['tokens_per_s'] or 0:.0f} tokens/s, peak {eff['peak_memory_mb']:.0f} MB)")
+                          f"{m['high']:.3f}] on {result.n} items ({result.seconds:.0f} s, {cost})",
+                          highlight=False)
         if ctx.report_to:
             tracking.log_eval(ctx.report_to, ctx.study, list(self.experiments), self.model_key,
                               self.task, result.metrics, resources)
@@ -200,7 +208,13 @@ def build_jobs(study: StudySpec, experiments: list[PlannedExperiment],
             base = str(stage.path)
         last = exp.stages[-1].id if exp.stages else None
         for task in tasks:
-            job = EvalJob(exp.model_key, exp.location, task.name, eval_key(task, study.eval), (exp.name,),
+            if exp.model_key.startswith("api:") and task.output == "perplexity":
+                if console is not None:  # only `--tasks all` gets here: a named one is refused first
+                    console.print(f"[yellow]skip {task.name}[/yellow] for {exp.model}: perplexity "
+                                  "cannot be scored through an API")
+                continue
+            job = EvalJob(exp.model_key, exp.location, task.name, eval_key(task, study.eval, exp.model_key),
+                          (exp.name,),
                           last, (f"stage:{last}",) if last else ())
             if job.key in jobs:  # another experiment ends in the same model
                 jobs[job.key].experiments += (exp.name,)

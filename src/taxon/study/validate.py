@@ -17,9 +17,10 @@ from taxon import hub
 from taxon.config import DataRef, StudySpec
 from taxon.data.cards import get_card
 from taxon.data.sources import mirror_file
+from taxon.endpoints import api_model, is_api
 from taxon.errors import TaxonError
 from taxon.evals.tasks import held_out_splits, missing_data, parse_task_list
-from taxon.identity import model_identity
+from taxon.identity import api_method, model_identity
 from taxon.models import resolve, resolve_targets
 from taxon.study.load import arm_of
 from taxon.study.plan import PlannedExperiment, plan
@@ -49,6 +50,8 @@ def _data_problem(ref: DataRef) -> tuple[str | None, str | None]:
 
 def _model_problem(name: str) -> tuple[str | None, str | None]:
     model_identity(name)  # an unknown alias, or a folder without weights, raises
+    if is_api(name):  # the name, the key and the model checked (and the server asked)
+        return None, None
     r = resolve(name)
     if r.source != "hub" or hub.reachable():
         return None, None
@@ -78,6 +81,10 @@ def _collect(study: StudySpec, for_run: bool) -> tuple[dict[str, list[str]], dic
     models: dict[str, list[str]] = {}
     for exp in study.experiments:
         models.setdefault(exp.model or study.model, []).append(f"experiment '{exp.name}'")
+        if is_api(exp.model or study.model) and exp.stages:
+            check(f"experiment '{exp.name}'", lambda: (
+                "a model behind an API cannot be trained; give it no stages (a zero-shot "
+                "baseline) or train a local model", None))
         for j, stage in enumerate(exp.stages, 1):
             where = f"experiment '{exp.name}' stage {j}"
             for ref in (*stage.data, *([stage.replay] if stage.replay else [])):
@@ -92,7 +99,8 @@ def _collect(study: StudySpec, for_run: bool) -> tuple[dict[str, list[str]], dic
     for exp in study.experiments:  # LoRA targets need the architecture of a model that resolved
         model = exp.model or study.model
         for j, stage in enumerate(exp.stages, 1):
-            if model in known and stage.lora is not None and stage.lora.target_modules is None:
+            if (model in known and not is_api(model) and stage.lora is not None
+                    and stage.lora.target_modules is None):
                 check(f"experiment '{exp.name}' stage {j}",
                       lambda stage=stage, model=model: (resolve_targets(stage, model) and None, None))
     for name in study.eval.tasks if list(study.eval.tasks) != ["all"] else ():
@@ -108,7 +116,28 @@ def _collect(study: StudySpec, for_run: bool) -> tuple[dict[str, list[str]], dic
                 errors.setdefault(f"task '{task}' is not evaluated (eval.tasks: "
                                   f"{', '.join(study.eval.tasks)}); add it there or leave it out",
                                   []).append(f"question {q.id or i}")
+    apis = [name for name in known if is_api(name)]
+    if apis and for_run and not errors:
+        for name in study.eval.tasks if list(study.eval.tasks) != ["all"] else ():
+            for model in apis:
+                check(f"model '{model}'",
+                      lambda name=name, model=model: _api_problem(model, name, study.eval))
     return errors, notes
+
+
+def _api_problem(model: str, task_name: str, spec) -> tuple[str | None, None]:
+    """A task an API model cannot be scored on (perplexity), or a log-likelihood method the server
+    does not support (its echo checked once, through the request cache)."""
+    (task,) = parse_task_list([task_name])
+    if api_method(task, spec, model) == "loglikelihood-echo":
+        from taxon.evals.api import Client
+
+        client = Client(api_model(model))
+        try:
+            client.check_echo()
+        finally:
+            client.close()
+    return None, None
 
 
 def _task_unavailable(name: str) -> str | None:

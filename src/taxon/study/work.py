@@ -42,6 +42,10 @@ def evaluate_job(location: str, task_name: str, spec: EvalSpec) -> tuple:
     from taxon.evals.tasks import get_task
     from taxon.models import use_bf16
 
+    if location.startswith("api:"):  # a model behind an OpenAI-compatible API
+        from taxon.evals.api_eval import evaluate_api
+
+        return evaluate_api(location, get_task(task_name), spec)
     t0 = time.time()
     if _loaded is None or _loaded[0] != location:
         _loaded = None  # free the previous model before loading the next
