@@ -15,6 +15,7 @@ from sklearn.metrics import f1_score
 
 from taxon.config import QuestionSpec
 from taxon.evals.evaluate import TaskResult
+from taxon.evals.metrics import scalar_metrics
 from taxon.report import stats
 from taxon.report.arms import Scores, arms
 from taxon.report.build import build
@@ -36,7 +37,7 @@ def _predict(gold, accuracy, rng):
     return np.where(rng.random(N) < accuracy, gold, wrong)
 
 
-def _add(store, study, name, gold, pred, seed=None, stages=()):
+def _add(store, study, name, gold, pred, seed=None, stages=(), model="tiny", settings=None):
     key = f"model-{name}"
     result = TaskResult(
         "fpb",
@@ -47,7 +48,7 @@ def _add(store, study, name, gold, pred, seed=None, stages=()):
             "macro_f1": {"value": float(f1_score(gold, pred, average="macro")), "low": 0, "high": 1},
             "accuracy": {"value": float((gold == pred).mean()), "low": 0, "high": 1},
             "per_class": {"negative": {}, "neutral": {}, "positive": {}},
-            "settings": {"precision": "fp32"},
+            "settings": settings or {"precision": "fp32"},
         },
         [
             {"idx": i, "gold": int(g), "pred": int(p), "scores": [0.0, 0.0, 0.0]}
@@ -58,7 +59,7 @@ def _add(store, study, name, gold, pred, seed=None, stages=()):
     spec = {"name": name, "stages": list(stages)}
     if seed is not None:
         spec["axes"] = {"seed": seed}
-    store.add_experiment(study, name, "tiny", key, [], spec, ["ek-" + key])
+    store.add_experiment(study, name, model, key, [], spec, ["ek-" + key])
 
 
 def _store(tmp_path, accuracies: dict[str, float], seeds=(0, 1, 2), seed=0) -> Store:
@@ -157,10 +158,9 @@ def test_two_level_bootstrap_with_one_seed_is_the_item_bootstrap():
     rng = np.random.default_rng(0)
     gold = _gold(rng)
     a, b = _predict(gold, 0.7, rng), _predict(gold, 0.6, rng)
-    from taxon.report.arms import mc_metric
-
-    fa = [lambda idx: mc_metric("macro_f1", gold[idx], a[idx], 3)]
-    fb = [lambda idx: mc_metric("macro_f1", gold[idx], b[idx], 3)]
+    f1 = scalar_metrics(3)["macro_f1"]
+    fa = [lambda idx: f1(gold[idx], a[idx], None)]
+    fb = [lambda idx: f1(gold[idx], b[idx], None)]
     two = stats.paired_two_level_bootstrap(fa, fb, N, 2000, seed=1)
     one = stats.paired_bootstrap(gold, a, b, "macro_f1", 2000, seed=1)
     assert two.effect == pytest.approx(one.effect, abs=1e-12)
@@ -169,16 +169,6 @@ def test_two_level_bootstrap_with_one_seed_is_the_item_bootstrap():
     )
     assert two.effect_low == pytest.approx(one.effect_low, abs=0.02)
     assert two.effect_high == pytest.approx(one.effect_high, abs=0.02)
-
-
-def test_unparsed_answers_are_wrong_but_not_a_class():
-    from taxon.report.arms import mc_metric
-
-    gold = np.array([0, 1, 2, 0])
-    pred = np.array([0, 1, 3, 3])  # 3 = no answer
-    assert mc_metric("accuracy", gold, pred, 3) == 0.5
-    expected = f1_score(gold, pred, labels=[0, 1, 2], average="macro", zero_division=0)
-    assert mc_metric("macro_f1", gold, pred, 3) == pytest.approx(expected)
 
 
 def test_report_files_and_tables(tmp_path):
@@ -229,8 +219,9 @@ def _chromium() -> str:
 
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.fail("no headless browser: install Debian's `chromium` package (.ci/run and `make test` "
-                    "do, as root)")
+        pytest.fail(
+            "no headless browser: install Debian's `chromium` package (.ci/run and `make test` do, as root)"
+        )
     return path
 
 
@@ -257,8 +248,20 @@ def test_demo_report_renders_in_headless_chromium(tmp_path, data_dir, monkeypatc
     assert "rq1: " in r.stdout and "lift: " in r.stdout and "report: " in r.stdout
     page = tmp_path / "report" / "report.html"
     dom = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
-         "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert 'data-checked="yes"' in dom  # the page's own script ran after every image loaded
     figures = dom.count("<figure")
     assert figures >= 3 and dom.count('data-drawn="yes"') == figures  # heatmap, Pareto, CD diagram
@@ -271,3 +274,40 @@ def test_demo_report_renders_in_headless_chromium(tmp_path, data_dir, monkeypatc
     assert 'id="q-rank"' in dom and 'id="fig-cd-rank' in dom  # the Friedman question's diagram
     for test in ("paired_bootstrap", "wilcoxon", "paired_t", "mcnemar_exact", "friedman"):
         assert f"<td>{test}</td>" in dom
+
+
+def test_api_arm_is_the_large_model_reference(tmp_path):
+    rng = np.random.default_rng(8)
+    gold = _gold(rng)
+    store = Store(tmp_path / "s.sqlite")
+    _add(store, "st", "zero-shot", gold, _predict(gold, 0.4, rng))
+    api_pred = _predict(gold, 0.9, rng)
+    api_pred[:10] = -1  # unparsed replies
+    _add(
+        store,
+        "st",
+        "gpt",
+        gold,
+        api_pred,
+        model="api:openai/gpt-4o",
+        settings={
+            "precision": "fp32",
+            "prompt_example": "[user]\nWhat is the sentiment ...",
+            "api": {
+                "method": "constrained-choice",
+                "unparsed": 10,
+                "prompt_tokens": 1200,
+                "completion_tokens": 300,
+                "cost_usd": 0.01,
+            },
+        },
+    )
+    rep = build(store, "st", [])
+    lm = rep.large_models.iloc[0]
+    assert lm.model == "api:openai/gpt-4o" and lm.unparsed == 10 and lm.method == "constrained-choice"
+    assert "GPT-4" in lm.published  # the published score stands beside it
+    zs = rep.summary[rep.summary.arm == "zero-shot"].iloc[0]
+    api_mean = rep.summary[rep.summary.arm == "gpt"].iloc[0]["mean"]
+    assert zs.pct_of_reference == pytest.approx(100 * zs["mean"] / api_mean)  # the API arm is the yardstick
+    page = write(rep, tmp_path / "out", store.path).read_text()
+    assert 'id="large-models"' in page and "What is the sentiment" in page

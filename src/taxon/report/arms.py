@@ -13,7 +13,7 @@ from functools import cached_property
 
 import numpy as np
 
-from taxon.evals.metrics import f1_by_class, scalar_metrics
+from taxon.evals.metrics import UNPARSED, scalar_metrics
 from taxon.evals.tasks import get_task
 from taxon.report import stats
 from taxon.study.load import arm_of
@@ -93,12 +93,11 @@ def item_stat(store: Store, result: dict, metric: str) -> ItemStat | None:
         if metric not in stats.BOOTSTRAP_METRICS:
             return None
         gold = np.asarray([p["gold"] for p in preds], dtype=int)
-        pred = np.asarray([-1 if p["pred"] is None else p["pred"] for p in preds], dtype=int)
+        # an API reply that named no label is UNPARSED (-1): wrong, and in no class's precision
+        pred = np.asarray([UNPARSED if p["pred"] is None else p["pred"] for p in preds], dtype=int)
         k = max(len(result["metrics"].get("per_class") or {}), int(max(gold.max(), pred.max())) + 1, 2)
-        # An unparsed reply (pred -1, API models) is wrong: it becomes an extra class no gold label
-        # has, which F1 averages leave out (they run over the k real classes).
-        pred = np.where(pred < 0, k, pred)
-        return ItemStat(len(preds), lambda idx: mc_metric(metric, gold[idx], pred[idx], k))
+        fn = scalar_metrics(k)[metric]
+        return ItemStat(len(preds), lambda idx: fn(gold[idx], pred[idx], None))
     if task.output == "perplexity":
         nll = np.asarray([p["scores"]["nll"] for p in preds], dtype=float)
         tok = np.asarray([p["scores"]["tokens"] for p in preds], dtype=float)
@@ -112,19 +111,6 @@ def item_stat(store: Store, result: dict, metric: str) -> ItemStat | None:
         return None
     arr = np.asarray(values, dtype=float)
     return ItemStat(len(preds), lambda idx: arr[idx].mean())
-
-
-def mc_metric(metric: str, gold: np.ndarray, pred: np.ndarray, k: int) -> float:
-    """A multiple-choice metric over k classes, where prediction k means "no answer"."""
-    if metric in ("macro_f1", "weighted_f1", "binary_f1"):
-        f1, support = f1_by_class(gold, pred, k + 1)
-        f1, support = f1[:k], support[:k]
-        if metric == "macro_f1":
-            return float(f1.mean())
-        if metric == "binary_f1":
-            return float(f1[1])
-        return float((f1 * support).sum() / support.sum()) if support.sum() else 0.0
-    return float(scalar_metrics(k + 1)[metric](gold, pred, None))
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from taxon.config import QuestionSpec
+from taxon.evals import references
 from taxon.report import plots
 from taxon.report.arms import N_RESAMPLES, Scores
 from taxon.report.compute import Compute, arm_compute, assumptions
@@ -39,6 +40,45 @@ class Report:
     experiments_md: str  # the per-experiment table (each seed's own row)
     notes: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
+    large_models: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def _large_models(scores: Scores, tasks: list[str]) -> pd.DataFrame:
+    """API arms (the large-model yardstick on our prompts and items) beside the published score,
+    with how each was scored, what it cost, and the prompt it was sent."""
+    rows = []
+    for arm in scores.arms:
+        if not arm.model.startswith("api:"):
+            continue
+        for t in tasks:
+            s = scores.score(arm, t)
+            results = scores.results(arm, t)
+            if s is None or not results:
+                continue
+            settings = results[0]["metrics"].get("settings", {})
+            api = settings.get("api", {})
+            published = references.target(t, results[0]["metrics"], results[0]["shots"])
+            rows.append(
+                {
+                    "model": arm.model,
+                    "task": t,
+                    "shots": results[0]["shots"],
+                    "metric": s.metric,
+                    "score": s.mean,
+                    "ci_low": s.low,
+                    "ci_high": s.high,
+                    "published": None
+                    if published is None
+                    else f"{published.model} {published.metric} {published.value:.3f} ({published.source})",
+                    "method": api.get("method"),
+                    "unparsed": api.get("unparsed"),
+                    "prompt_tokens": api.get("prompt_tokens"),
+                    "completion_tokens": api.get("completion_tokens"),
+                    "cost_usd": api.get("cost_usd"),
+                    "prompt_example": settings.get("prompt_example", ""),
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 def _summary(scores: Scores, tasks: list[str]) -> tuple[pd.DataFrame, list[str]]:
@@ -177,6 +217,7 @@ def build(store: Store, study: str | None, questions: list[QuestionSpec] | tuple
         results_table(store, study),
         notes,
         cited,
+        _large_models(scores, tasks),
     )
 
 

@@ -59,10 +59,14 @@ def results_table(store: Store, study: str | None = None) -> str:
     """Markdown: per output type, one row per (experiment, task)."""
     rows: dict[str, list[tuple[dict, dict, object]]] = {k: [] for k in SECTIONS}
     machines: set[str] = set()
+    apis: set[str] = set()
     for exp in store.experiments(study):
         for r in store.experiment_results(exp):
             task = get_task(r["task"])
             rows[task.output].append((exp, r, task))
+            if "api" in r["metrics"].get("settings", {}):  # scored by the API's server, not here
+                apis.add(exp["model"])
+                continue
             run = store.result_run(r["model_key"], r["eval_key"])
             machines.add((run or {}).get("environment", {}).get("machine") or "an unrecorded machine")
     present = [k for k in SECTIONS if rows[k]] or ["multiple_choice"]
@@ -80,7 +84,8 @@ def results_table(store: Store, study: str | None = None) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for exp, r, task in rows[output]:
             m = r["metrics"]
-            precisions.add(m.get("settings", {}).get("precision", "fp32"))
+            if "api" not in m.get("settings", {}):
+                precisions.add(m.get("settings", {}).get("precision", "fp32"))
             ref_cell, pct = "-", "-"
             ref = references.target(task.name, m, r["shots"])
             if ref is not None:
@@ -102,7 +107,9 @@ def results_table(store: Store, study: str | None = None) -> str:
                  f"{' (autocast)' if 'bf16' in precisions else ''} on "
                  f"{'; '.join(sorted(machines)) or 'this machine'}"
                  f"{training_note(store, [e for e, _, _ in sum(rows.values(), [])])}. "
-                 "Identical numbers are promised per (machine kind, precision).")
+                 "Identical numbers are promised per (machine kind, precision)."
+                 + (f" {', '.join(sorted(apis))}: scored through the API by its provider's servers."
+                    if apis else ""))
     for output in present:
         lines.append(f"- {NOTES[output]}")
     for note in notes.values():

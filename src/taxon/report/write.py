@@ -186,6 +186,8 @@ def write(report: Report, out: Path, store_path: Path, provenance: str = "") -> 
             fig.savefig(tmp / "figures" / f"{key}.svg", format="svg", metadata={"Date": None})
             plt.close(fig)
             embedded[key] = {"caption": caption, "png": base64.b64encode(png).decode()}
+        if not report.large_models.empty:
+            report.large_models.to_csv(tmp / "tables" / "large_models.csv", index=False)
         tables = {
             "summary": (report.summary, summary_view(report.summary), "Arms over seeds"),
             "compute": (report.compute, compute_view(report.compute), "Compute per arm"),
@@ -216,6 +218,7 @@ def write(report: Report, out: Path, store_path: Path, provenance: str = "") -> 
             references=report.references,
             figures=embedded,
             experiments=f"<pre>{jinja2.filters.escape(report.experiments_md)}</pre>",
+            large_models=report.large_models.to_dict("records"),
         )
         (tmp / "report.html").write_text(html)
         (tmp / "report.md").write_text(markdown(report))
