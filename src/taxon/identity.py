@@ -24,7 +24,7 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-from taxon.config import EvalSpec, StageSpec, digest
+from taxon.config import EvalSpec, ModelConfig, StageSpec, digest
 from taxon.errors import TaxonError
 from taxon.models import STAGE_META, aliases, use_bf16
 from taxon.settings import cache_dir
@@ -110,12 +110,18 @@ def _alias_identity(name: str) -> str | None:
     entry = aliases().get(name)
     if entry is None:
         return None
-    if "tiny" in entry:
-        return "config:" + digest(json.dumps(entry, sort_keys=True), str(entry.get("init_seed", 0)))
+    if "config" in entry:
+        return config_identity(ModelConfig.model_validate(entry["config"]))
     if "gguf" in entry:
         g = entry["gguf"]
         return f"gguf:{g['package']}=={_package_version(g['package'])}/{g['file']}"
     return f"hub:{entry['hub']}@{_hub_revision(entry['hub'], entry.get('revision'))}"
+
+
+def config_identity(config: ModelConfig) -> str:
+    """A declared model: every field of its config (architecture, sizes, tokenizer, init seed,
+    tied embeddings) and the recipe version that builds it."""
+    return "config:" + digest(RECIPE_VERSION, config.canonical())
 
 
 def model_identity(name: str) -> str:
@@ -123,6 +129,8 @@ def model_identity(name: str) -> str:
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _folder_identity(folder.resolve())
+    if ModelConfig.declared(name):  # written out: the same identity as an alias declaring it
+        return config_identity(ModelConfig.from_name(name))
     alias = _alias_identity(name)
     if alias is not None:
         return alias
