@@ -35,8 +35,23 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def stage_id(parent: str, spec: StageSpec) -> str:
-    """A stage: its parent's identity (model identity or parent stage id) and its canonical spec."""
-    return digest(RECIPE_VERSION, parent, spec.canonical())
+    """A stage: its parent's identity (model identity or parent stage id) and its canonical spec,
+    and, for data from a corpus folder (`taxon corpus build`), that corpus's content digest: a
+    rebuilt corpus with other text is other data, wherever its folder is."""
+    corpora = [corpus_digest(ref.dataset) for ref in (*spec.data, *([spec.replay] if spec.replay else []))]
+    return digest(RECIPE_VERSION, parent, spec.canonical(), *[c for c in corpora if c])
+
+
+def corpus_digest(dataset: str) -> str | None:
+    """The content digest in a corpus folder's manifest, or None for any other dataset."""
+    manifest = Path(dataset).expanduser() / "manifest.json"
+    if "/" not in dataset or not manifest.is_file():
+        return None
+    try:
+        return "corpus:" + json.loads(manifest.read_text())["digest"]
+    except (OSError, ValueError, KeyError) as e:
+        raise TaxonError(f"{manifest} is unreadable ({e}); rebuild the corpus with "
+                         "`taxon corpus build`") from e
 
 
 def stage_meta(folder: str | Path) -> dict | None:
