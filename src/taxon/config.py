@@ -79,6 +79,45 @@ class WsdSegment(Spec):
     cooldown: bool
 
 
+class Thresholds(Spec):
+    """Rise of the general loss against the base model (a fraction of the base's loss, or nats
+    with `relative: false`) up to which a run is excellent, good, acceptable; beyond: forgetting."""
+
+    excellent: float = Field(0.02, ge=0)
+    good: float = Field(0.05, ge=0)
+    acceptable: float = Field(0.10, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        if not self.excellent <= self.good <= self.acceptable:
+            raise ValueError("thresholds must rise: excellent <= good <= acceptable")
+        return self
+
+
+class WatchSpec(Spec):
+    """Domain and general loss measured during a stage (step 0 and every `every` steps) on a few
+    perplexity windows each; each point is classified by the general loss's rise against the base
+    model (the model the first watched stage of the chain started from). With `stop`, a run that
+    stays beyond `acceptable` for `patience` points in a row stops, and the last checkpoint
+    within the threshold is the stage's output."""
+
+    # perplexity tasks: an eval task name, or a corpus folder (`taxon corpus build`; its test split)
+    tasks: dict[Literal["domain", "general"], str] = {"domain": "eval_domain", "general": "eval_general"}
+    every: int = Field(20, ge=1)
+    limit: int = Field(8, ge=1)  # windows scored per task and point (a seeded sample)
+    max_length: int | None = Field(256, ge=8)  # window length (None: the task's; capped by the model)
+    thresholds: Thresholds = Thresholds()
+    relative: bool = True
+    patience: int = Field(2, ge=1)
+    stop: bool = True
+
+    @model_validator(mode="after")
+    def _both(self) -> WatchSpec:
+        if set(self.tasks) != {"domain", "general"}:
+            raise ValueError("watch.tasks needs both `domain` and `general` (perplexity tasks)")
+        return self
+
+
 class StageSpec(Spec):
     """One training run. `pretrain`: causal LM on packed fixed-length blocks of text.
     `sft`: loss on completion tokens only, over (prompt, completion) pairs. `mixed`: both in one
@@ -110,6 +149,8 @@ class StageSpec(Spec):
     # stages defined before them keep their identities (and cached checkpoints).
     mix_by: Literal["auto", "tokens", "examples"] = Field("auto", exclude_if=lambda v: v == "auto")
     adapter: Literal["merge", "continue"] = Field("merge", exclude_if=lambda v: v == "merge")
+    # Domain and general loss watched during the stage, with early stopping on forgetting.
+    watch: WatchSpec | None = Field(None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _uses_fit_objective(self) -> StageSpec:
@@ -151,6 +192,9 @@ class StageSpec(Spec):
         if self.schedule == "wsd" and self.warmup_ratio + self.decay_ratio > 1:
             raise ValueError(f"warmup_ratio {self.warmup_ratio} + decay_ratio {self.decay_ratio} exceed 1; "
                              "lower one of them")
+        if self.watch is not None and self.schedule == "wsd":
+            raise ValueError("watch cannot stop a wsd segment that other durations share; use "
+                             "another schedule for a watched stage")
         if self.segment is not None and self.segment.start + self.steps > self.segment.stream_steps:
             raise ValueError("segment ends after its data stream; segments are made by the planner")
         return self
