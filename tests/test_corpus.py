@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from pathlib import Path
 
 import pytest
 from cli_runner import run_taxon
@@ -17,6 +18,7 @@ from taxon.data.sources import load_rows
 from taxon.errors import TaxonError
 from taxon.identity import stage_id
 
+REPO_ROOT_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "domain_adaptation.yaml"
 VOCAB = ("system kernel network daemon socket process memory buffer driver file path user group "
          "service config option value server client packet route table cache thread signal queue "
          "module package library version install update command shell script terminal").split()

@@ -292,6 +292,33 @@ def study_run(
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(f"# {study.name}\n\n{table}\n")
         console.print(f"table written to {report}")
+    _print_forgetting(s, study.name, Path("results") / study.name)
+
+
+def _print_forgetting(store, study: str, folder: Path) -> None:
+    """The decision table of a study with watched stages, and its forgetting plot (PNG)."""
+    from taxon.report.forgetting import decision_table, forgetting_figure
+
+    rows = decision_table(store, study)
+    if not rows:
+        return
+    rel = rows[0]["relative"]
+
+    def change(v: float) -> str:
+        return f"{v:+.1%}" if rel else f"{v:+.3f}"
+
+    table = Table("experiment", "steps", "domain loss", "general loss", "domain vs base",
+                  "general vs base", "verdict", "stopped", title="decision table")
+    for r in rows:
+        table.add_row(r["experiment"], str(r["steps"]), f"{r['domain_loss']:.3f}",
+                      f"{r['general_loss']:.3f}", change(r["domain_vs_base"]),
+                      change(r["general_vs_base"]), r["verdict"], r["why"] or "-")
+    console.print(table)
+    fig = forgetting_figure(store, study)
+    if fig is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        fig.savefig(folder / "forgetting.png", dpi=120)
+        console.print(f"forgetting plot written to {folder / 'forgetting.png'}")
 
 
 @corpus_app.command("build")

@@ -164,8 +164,9 @@ def eval_key(task, spec: EvalSpec) -> str:
     """One evaluation: the task definition and everything that changes its numbers, with the
     precision resolved on this machine (an `auto` result from a bf16 machine is not reused on an
     fp32 one)."""
+    corpus = corpus_digest(task.dataset)  # a corpus folder's task: its content too
     return digest(task.canonical(), str(spec.shots), str(spec.limit), str(spec.seed),
-                  eval_precision(spec))
+                  eval_precision(spec), *([corpus] if corpus else []))
 
 
 @cache

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from taxon.config import WatchSpec
 from taxon.data import render
-from taxon.data.cards import corpus_folder, get_card
+from taxon.data.cards import get_card
 from taxon.data.sources import load_rows
 from taxon.errors import TaxonError
 from taxon.evals.evaluate import perplexity_windows
@@ -30,12 +30,6 @@ FORGETTING = "forgetting: stop"
 
 def watch_task(ref: str) -> TaskSpec:
     """A perplexity task by name, or the test split of a corpus folder."""
-    if corpus_folder(ref) is not None:
-        card = get_card(ref)
-        if "test" not in card.splits:
-            raise TaxonError(f"corpus {ref} has no test split to watch; rebuild it with "
-                             "--test-fraction above 0")
-        return TaskSpec(name=f"perplexity:{ref}", dataset=ref, split="test", output="perplexity")
     task = get_task(ref)
     if task.output != "perplexity":
         raise TaxonError(f"watch task '{ref}' is a {task.output} task; watch a perplexity task "
