@@ -63,6 +63,7 @@ def test_decision_table_and_figure(tmp_path):
     hot = rows[2]
     assert hot["stopped"] and hot["verdict"] == "acceptable" and hot["steps"] == 20
     assert "kept step 20" in hot["why"]
+    assert [r["choice"] for r in rows] == [False, False, True]  # lowest domain loss, not forgetting
     assert [p["x"] for p in trajectories(store, "st")["hot"]] == [0, 20, 20, 40, 60, 80]
     assert store.watch_log("s")[2]["verdict"] == "forgetting: stop"
     fig = forgetting_figure(store, "st")

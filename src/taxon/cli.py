@@ -310,7 +310,8 @@ def _print_forgetting(store, study: str, folder: Path) -> None:
     table = Table("experiment", "steps", "domain loss", "general loss", "domain vs base",
                   "general vs base", "verdict", "stopped", title="decision table")
     for r in rows:
-        table.add_row(r["experiment"], str(r["steps"]), f"{r['domain_loss']:.3f}",
+        table.add_row(r["experiment"] + (" (choice)" if r["choice"] else ""), str(r["steps"]),
+                      f"{r['domain_loss']:.3f}",
                       f"{r['general_loss']:.3f}", change(r["domain_vs_base"]),
                       change(r["general_vs_base"]), r["verdict"], r["why"] or "-")
     console.print(table)

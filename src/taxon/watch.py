@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from taxon.config import WatchSpec
@@ -100,6 +101,10 @@ class Watcher(TrainerCallback):
             row[f"{key}_vs_base"] = _change(losses[key], self.base[key], rel)
         row["verdict"] = verdict(row["general_vs_base"], self.spec)
         self.log.append(row)
+        fmt = "{:+.1%}" if rel else "{:+.3f}"
+        tqdm.write(f"watch step {step}: domain {row['domain']:.3f} ({fmt.format(row['domain_vs_base'])} vs "
+                   f"base), general {row['general']:.3f} ({fmt.format(row['general_vs_base'])} vs base): "
+                   f"{row['verdict']}")
         return row
 
     def _keep(self, model, step: int) -> None:

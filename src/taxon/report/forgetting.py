@@ -29,7 +29,8 @@ def decision_table(store, study: str | None = None) -> list[dict]:
     first watched stage started from): experiment, stage id, steps trained, domain and general
     loss of the stage's output, their change against the base (fractions when the watch is
     relative, else nats), verdict (excellent, good, acceptable, "forgetting: stop"), stopped
-    (bool), why (the stop's reason, or "")."""
+    (bool), why (the stop's reason, or ""), relative (bool), and choice: True for the run the
+    table recommends, the lowest domain loss among runs whose verdict is not forgetting."""
     rows: list[dict] = []
     base_row = None
     for name, stages in _chains(store, study):
@@ -54,6 +55,12 @@ def decision_table(store, study: str | None = None) -> list[dict]:
                      "why": "" if stop is None else f"stopped at step {stop['step']}, kept step "
                                                     f"{stop['kept_step']}: {stop['reason']}",
                      "relative": w.get("relative", True)})
+    fit = [r for r in rows if r["verdict"] != "forgetting: stop"]
+    best = min(fit, key=lambda r: r["domain_loss"]) if fit else None
+    for r in rows:
+        r["choice"] = r is best
+    if base_row:
+        base_row["choice"] = False
     return ([base_row] if base_row else []) + rows
 
 
