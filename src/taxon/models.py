@@ -121,11 +121,15 @@ def prepare(name: str) -> Path | str:
     return _convert_gguf(name, Path(r.location))
 
 
-def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None, extra=()) -> Path:
+def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None, extra=(),
+                replace: bool = True) -> Path:
     """Write model, tokenizer, the files `extra` (copied) and `STAGE_META` when given to a sibling
     temp folder, then rename it into place: a killed run never leaves a folder that looks
-    complete. An existing `dest` is replaced; if another process renames its copy in first, ours
-    is discarded."""
+    complete. An existing `dest` is replaced (with `replace=False`, for cache builds that give
+    the same files every time, it is kept and ours discarded, so a process already loading it
+    is not pulled from under); if another process renames its copy in first, ours is discarded."""
+    if not replace and (dest / "config.json").is_file():
+        return dest
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -135,6 +139,9 @@ def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None, extra=()
     if meta is not None:
         (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if not replace and (dest / "config.json").is_file():  # another process built it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dest
     shutil.rmtree(dest, ignore_errors=True)
     try:
         tmp.rename(dest)
@@ -171,7 +178,7 @@ def _convert_gguf(alias: str, gguf_path: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    return atomic_save(model, tokenizer, dest)
+    return atomic_save(model, tokenizer, dest, replace=False)
 
 
 def _convert_chunked(alias: str, entry: dict, gguf_path: Path) -> Path:
@@ -237,7 +244,7 @@ def build_declared(config: ModelConfig) -> Path:
     hf = hf_config(config, tokenizer)
     torch.manual_seed(config.init_seed)
     model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
-    return atomic_save(model, tokenizer, _config_dir(config))
+    return atomic_save(model, tokenizer, _config_dir(config), replace=False)
 
 
 def _unreachable(name: str, location: str, err: Exception) -> TaxonError:
