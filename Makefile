@@ -19,7 +19,7 @@ endif
 # /tmp are pruned by later sessions, and one vanished under a running worker once.
 PYTEST_PARALLEL ?= -n auto --dist loadscope --no-loadscope-reorder --basetemp=$(CURDIR)/.pytest-tmp
 
-.PHONY: setup model test demo lint clean browser
+.PHONY: setup model test demo domain lint clean browser
 
 setup: $(STAMP)
 
@@ -51,6 +51,16 @@ browser:
 
 demo: $(MODEL_STAMP)
 	$(BIN)/taxon study run examples/quickstart.yaml --report results/quickstart.md
+
+# The domain-adaptation example: an IT corpus from Debian's own documentation (what is installed:
+# `apt-get install -y python3-doc man-db manpages` adds the Python docs), then the study.
+DOMAIN_SOURCES := $(wildcard /usr/share/man/man1 /usr/share/man/man8 /usr/share/man/de/man1 /usr/share/doc/python3-doc/html/library)
+
+corpora/it-docs/manifest.json: $(MODEL_STAMP)
+	$(BIN)/taxon corpus build $(DOMAIN_SOURCES) --max-docs 400 --language en --out corpora/it-docs
+
+domain: corpora/it-docs/manifest.json
+	$(BIN)/taxon study run examples/domain_adaptation.yaml --report results/domain_adaptation.md
 
 clean:
 	rm -rf $(VENV) results

@@ -83,7 +83,8 @@ def test_llama_stage_ids_do_not_change():
         '"target_modules":["q_proj","k_proj","v_proj","o_proj"]},"lr":0.001,"max_length":128,'
         '"objective":"sft","precision":"auto","replay":null,"schedule":"constant_with_warmup",'
         '"seed":0,"steps":40,"warmup_ratio":0.1}')
-    assert stage.id == "713b6c5a25c70c68"
+    # The id also hashes tiny's identity, which changed when tiny became a declared config.
+    assert stage.id == "9f4a65b5a67d1593"
 
 
 def test_training_refuses_unresolved_targets(tmp_path):

@@ -9,7 +9,8 @@ from taxon import cli, seeds_cli
 from taxon.config import EvalSpec, StageSpec, default
 
 # Fields only a study's planner sets, or that the commands take in another shape.
-NOT_FLAGS = {"segment", "data", "replay", "objective", "lora"}
+# watch: a nested block (tasks, thresholds), set in study files only
+NOT_FLAGS = {"segment", "data", "replay", "objective", "lora", "watch"}
 
 
 def typer_defaults(fn) -> dict:

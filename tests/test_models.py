@@ -50,7 +50,7 @@ def test_resolve_other_names(empty_cache, tmp_path):
     assert models.resolve("some-org/some-model") == models.Resolved(
         "some-org/some-model", "hub", "some-org/some-model")
     assert models.resolve(str(tmp_path)).source == "local"
-    assert models.resolve("tiny").source == "tiny"  # built on first use, not yet
+    assert models.resolve("tiny").source == "config"  # built on first use, not yet
 
 
 @pytest.mark.parametrize("name", ["no-such-model", "./no/such/folder", "/no/such/folder"])
@@ -85,9 +85,9 @@ def test_describe_all_lists_every_alias():
 
 def test_tiny_model_matches_its_config(tiny_model):
     model, tokenizer = tiny_model
-    cfg = models.aliases()["tiny"]["tiny"]
-    assert model.config.hidden_size == cfg["hidden_size"]
-    assert model.config.num_hidden_layers == cfg["num_hidden_layers"]
+    cfg = models.aliases()["tiny"]["config"]
+    assert model.config.hidden_size == cfg["hidden"]
+    assert model.config.num_hidden_layers == cfg["layers"]
     assert model.config.vocab_size == len(tokenizer)
     assert tokenizer.pad_token is not None
     assert tokenizer.chat_template is not None  # borrowed from SmolLM2

@@ -22,6 +22,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Dataset cards and rows.")
 study_app = typer.Typer(no_args_is_help=True, help="Run a study file.")
 app.add_typer(data_app, name="data")
 app.add_typer(study_app, name="study")
+corpus_app = typer.Typer(no_args_is_help=True, help="Build a cleaned domain corpus from text sources.")
+app.add_typer(corpus_app, name="corpus")
 console = Console()
 
 DEFAULT_STORE = Path("results/taxon.sqlite")
@@ -319,6 +321,7 @@ def study_run(
               json_dir=json_dir or Path("results") / study.name / "json", launcher=launcher,
               experiments=experiments)
     _write_report(s, study.name, out or Path("results") / study.name / "report", summary_to=report)
+    _print_forgetting(s, study.name, Path("results") / study.name)
 
 
 def _write_report(store, study: str | None, out: Path, summary_to: Path | None = None) -> None:
@@ -343,6 +346,103 @@ def _write_report(store, study: str | None, out: Path, summary_to: Path | None =
         summary_to.parent.mkdir(parents=True, exist_ok=True)
         summary_to.write_text(f"# {study}\n\n" + (out / "report.md").read_text())
         console.print(f"report Markdown also written to {summary_to}")
+
+
+def _print_forgetting(store, study: str, folder: Path) -> None:
+    """The decision table of a study with watched stages, and its forgetting plot (PNG)."""
+    from taxon.report.forgetting import decision_table, forgetting_figure
+
+    rows = decision_table(store, study)
+    if not rows:
+        return
+    rel = rows[0]["relative"]
+
+    def change(v: float) -> str:
+        return f"{v:+.1%}" if rel else f"{v:+.3f}"
+
+    table = Table("experiment", "steps", "domain loss", "general loss", "domain vs base",
+                  "general vs base", "verdict", "stopped", title="decision table")
+    for r in rows:
+        table.add_row(r["experiment"] + (" (choice)" if r["choice"] else ""), str(r["steps"]),
+                      f"{r['domain_loss']:.3f}",
+                      f"{r['general_loss']:.3f}", change(r["domain_vs_base"]),
+                      change(r["general_vs_base"]), r["verdict"], r["why"] or "-")
+    console.print(table)
+    fig = forgetting_figure(store, study)
+    if fig is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        fig.savefig(folder / "forgetting.png", dpi=120)
+        console.print(f"forgetting plot written to {folder / 'forgetting.png'}")
+
+
+@corpus_app.command("build")
+def corpus_build(
+    sources: Annotated[list[str], typer.Argument(
+        help="Folders (.txt, .md, .rst, .html, man pages), .jsonl files, "
+        "dataset:<card id>[:config[:split]].")],
+    out: Annotated[Path, typer.Option(help="Corpus folder to write (replaced if it is a corpus).")],
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer (model alias) for token counts.")]
+    = "smollm2-135m",
+    max_docs: Annotated[int | None, typer.Option(help="At most this many documents per source "
+                                                 "(a seeded sample).")] = None,
+    language: Annotated[list[str] | None, typer.Option(help="Keep documents in this language "
+                                                       "(py3langid code, e.g. en); repeat.")] = None,
+    decontaminate: Annotated[bool, typer.Option(help="Remove lines sharing an n-gram with any eval "
+                                                "task's test text.")] = True,
+    ngram: Annotated[int, typer.Option(help="Decontamination n-gram length in words.")] = 8,
+    threshold: Annotated[float, typer.Option(help="Near-duplicate Jaccard similarity.")] = 0.8,
+    num_perm: Annotated[int, typer.Option(help="MinHash permutations.")] = 128,
+    min_words: Annotated[int, typer.Option(help="Lines with fewer words are dropped.")] = 4,
+    min_doc_words: Annotated[int, typer.Option(help="Documents left with fewer words are dropped.")] = 30,
+    test_fraction: Annotated[float, typer.Option(help="Share of documents held out as the test split.")]
+    = 0.05,
+    seed: int = 0,
+) -> None:
+    """Clean text sources into a corpus a stage can mix: markup and boilerplate stripped, exact
+    and near duplicates removed, short and non-text lines dropped, eval-set n-grams removed;
+    tokenised into shards; corpus_report.json/.md say what was removed and why, per source."""
+    from taxon.data.corpus.build import build
+    from taxon.data.corpus.clean import CleanSettings, Contamination
+    from taxon.data.corpus.read import parse_source
+
+    at_least(max_docs, 1, "--max-docs")
+    at_least(ngram, 2, "--ngram")
+    at_least(num_perm, 16, "--num-perm")
+    if not 0 < threshold < 1:
+        raise TaxonError(f"--threshold {threshold}: must be between 0 and 1")
+    parsed = [parse_source(s) for s in sources]
+    for p in parsed:
+        p.limit = max_docs
+    settings = CleanSettings(min_words=min_words, min_doc_words=min_doc_words,
+                             languages=tuple(language or ()), ngram=ngram, num_perm=num_perm,
+                             threshold=threshold)
+    contamination = None
+    if decontaminate:
+        from taxon.evals.decontaminate import test_texts
+
+        with console.status("reading every eval task's test text"):
+            texts, skipped = test_texts()
+        contamination = Contamination(ngram)
+        for task, t in texts.items():
+            contamination.add(task, t)
+        for task, why in skipped.items():
+            if not why.startswith("same test split"):
+                console.print(f"[yellow]decontamination skips {task}[/yellow]: {why}")
+    report = build(parsed, out, tokenizer=tokenizer, settings=settings, contamination=contamination,
+                   test_fraction=test_fraction, seed=seed)
+    table = Table("source", "documents", "kept", "removed (documents)", "removed (lines)")
+    for e in report["sources"]:
+        table.add_row(e["source"], str(e["documents"]), str(e["kept"]),
+                      ", ".join(f"{k} {v}" for k, v in e["removed"].items()) or "-",
+                      ", ".join(f"{k} {v}" for k, v in e["lines_removed"].items()) or "-")
+    console.print(table)
+    nd = report["near_duplicates"]
+    console.print(f"near duplicates: MinHash num_perm {nd['num_perm']}, {nd['bands']} bands x "
+                  f"{nd['rows']} rows, implied threshold {nd['implied_threshold']} (Jaccard "
+                  f"{nd['threshold']} kept as duplicate)")
+    for split, t in report["splits"].items():
+        console.print(f"{split}: {t['documents']} documents, {t['tokens']:,} tokens")
+    console.print(f"wrote {out} (corpus_report.md); use it as data: [{{dataset: {out}, rate: ...}}]")
 
 
 @app.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -78,6 +79,45 @@ class WsdSegment(Spec):
     cooldown: bool
 
 
+class Thresholds(Spec):
+    """Rise of the general loss against the base model (a fraction of the base's loss, or nats
+    with `relative: false`) up to which a run is excellent, good, acceptable; beyond: forgetting."""
+
+    excellent: float = Field(0.02, ge=0)
+    good: float = Field(0.05, ge=0)
+    acceptable: float = Field(0.10, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        if not self.excellent <= self.good <= self.acceptable:
+            raise ValueError("thresholds must rise: excellent <= good <= acceptable")
+        return self
+
+
+class WatchSpec(Spec):
+    """Domain and general loss measured during a stage (step 0 and every `every` steps) on a few
+    perplexity windows each; each point is classified by the general loss's rise against the base
+    model (the model the first watched stage of the chain started from). With `stop`, a run that
+    stays beyond `acceptable` for `patience` points in a row stops, and the last checkpoint
+    within the threshold is the stage's output."""
+
+    # perplexity tasks: an eval task name, or a corpus folder (`taxon corpus build`; its test split)
+    tasks: dict[Literal["domain", "general"], str] = {"domain": "eval_domain", "general": "eval_general"}
+    every: int = Field(20, ge=1)
+    limit: int = Field(8, ge=1)  # windows scored per task and point (a seeded sample)
+    max_length: int | None = Field(256, ge=8)  # window length (None: the task's; capped by the model)
+    thresholds: Thresholds = Thresholds()
+    relative: bool = True
+    patience: int = Field(2, ge=1)
+    stop: bool = True
+
+    @model_validator(mode="after")
+    def _both(self) -> WatchSpec:
+        if set(self.tasks) != {"domain", "general"}:
+            raise ValueError("watch.tasks needs both `domain` and `general` (perplexity tasks)")
+        return self
+
+
 class StageSpec(Spec):
     """One training run. `pretrain`: causal LM on packed fixed-length blocks of text.
     `sft`: loss on completion tokens only, over (prompt, completion) pairs. `mixed`: both in one
@@ -109,6 +149,8 @@ class StageSpec(Spec):
     # stages defined before them keep their identities (and cached checkpoints).
     mix_by: Literal["auto", "tokens", "examples"] = Field("auto", exclude_if=lambda v: v == "auto")
     adapter: Literal["merge", "continue"] = Field("merge", exclude_if=lambda v: v == "merge")
+    # Domain and general loss watched during the stage, with early stopping on forgetting.
+    watch: WatchSpec | None = Field(None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _uses_fit_objective(self) -> StageSpec:
@@ -150,6 +192,9 @@ class StageSpec(Spec):
         if self.schedule == "wsd" and self.warmup_ratio + self.decay_ratio > 1:
             raise ValueError(f"warmup_ratio {self.warmup_ratio} + decay_ratio {self.decay_ratio} exceed 1; "
                              "lower one of them")
+        if self.watch is not None and self.schedule == "wsd":
+            raise ValueError("watch cannot stop a wsd segment that other durations share; use "
+                             "another schedule for a watched stage")
         if self.segment is not None and self.segment.start + self.steps > self.segment.stream_steps:
             raise ValueError("segment ends after its data stream; segments are made by the planner")
         return self
@@ -192,15 +237,94 @@ class EvalSpec(Spec):
     api_method: Literal["auto", "loglikelihood-echo", "top-logprobs", "constrained-choice"] = "auto"
 
 
+ARCHITECTURES = ("llama", "gpt2", "qwen2", "gemma2", "gemma3_text")
+_DECLARED = re.compile(r"^(?P<arch>[a-z0-9_]+)\((?P<args>[^()]*)\)$")
+
+
+class ModelConfig(Spec):
+    """A model declared by architecture and size, built with random weights from `init_seed` and
+    trained from scratch (a `pretrain` stage with `lora: null`). The tokenizer is named: a model
+    alias whose tokenizer it borrows (`smollm2-135m`, embedded, works offline) or a named variant
+    in models.yaml's `tokenizers:` (`gpt2-style`: SmolLM2's vocabulary with GPT-2's special tokens
+    and no chat template). Every field is part of the model's identity (`config:<digest>`).
+
+    In a study, `model:` takes it as a mapping; it travels as its canonical name, e.g.
+    `llama(layers=4,hidden=128,heads=4,...)`, which is also accepted written out."""
+
+    architecture: Literal["llama", "gpt2", "qwen2", "gemma2", "gemma3_text"]
+    layers: int = Field(ge=1, le=128)
+    hidden: int = Field(ge=8)
+    heads: int = Field(ge=1)
+    kv_heads: int | None = Field(None, ge=1)  # None: as many as heads (GPT-2 has no other choice)
+    intermediate: int | None = Field(None, ge=1)  # MLP width; None: 4 x hidden
+    context: int = Field(1024, ge=8)  # positions the model has
+    tokenizer: str = "smollm2-135m"
+    init_seed: int = 0
+    tie_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _shape(self) -> ModelConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not a multiple of heads {self.heads}")
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        if self.architecture == "gpt2" and self.kv_heads not in (None, self.heads):
+            raise ValueError("gpt2 has no grouped-query attention; leave kv_heads out")
+        return self
+
+    def name(self) -> str:
+        """The canonical name: every field, in declaration order, None left out."""
+        args = [f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
+                for k, v in self.model_dump().items() if k != "architecture" and v is not None]
+        return f"{self.architecture}({','.join(args)})"
+
+    @classmethod
+    def declared(cls, name: str) -> bool:
+        m = _DECLARED.match(name)
+        return bool(m) and m.group("arch") in ARCHITECTURES
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelConfig:
+        m = _DECLARED.match(name)
+        if not m or m.group("arch") not in ARCHITECTURES:
+            raise TaxonError(f"'{name}' is not a declared model; write architecture(layers=..,"
+                             f"hidden=..,heads=..), architecture one of {', '.join(ARCHITECTURES)}")
+        fields: dict = {"architecture": m.group("arch")}
+        for part in filter(None, (p.strip() for p in m.group("args").split(","))):
+            key, eq, value = part.partition("=")
+            if not eq:
+                raise TaxonError(f"model '{name}': '{part}' is not key=value; fix the name")
+            fields[key.strip()] = yaml.safe_load(value.strip())
+        return parse(cls, fields, f"model '{name}'")  # type: ignore[return-value]
+
+    def approx_params(self, vocab: int = 49152) -> int:
+        """Total parameters (attention 4 d^2, gated MLP 3 d i, embeddings), for time estimates."""
+        d, inter = self.hidden, self.intermediate or 4 * self.hidden
+        mlp = (2 if self.architecture == "gpt2" else 3) * d * inter
+        return self.layers * (4 * d * d + mlp) + vocab * d * (1 if self.tie_embeddings else 2)
+
+
+def model_name(value):
+    """A study's `model:` as the string every layer passes around: a mapping declares a model
+    from its config (ModelConfig); a string is an alias, Hub id, folder or a declared name."""
+    if isinstance(value, dict):
+        return ModelConfig.model_validate(value).name()
+    if isinstance(value, str) and ModelConfig.declared(value):
+        return ModelConfig.from_name(value).name()  # one spelling, one identity
+    return value
+
+
 class ExperimentSpec(Spec):
     """A chain of stages (empty: the zero-shot baseline) on one model, evaluated on the suite."""
 
     name: str
-    model: str | None = None  # None: the study's model
+    model: str | None = None  # None: the study's model; a mapping declares one (ModelConfig)
     stages: tuple[StageSpec, ...] = ()
     # Set by a study's `grid:`: the named recipe and the axis values this experiment came from.
     recipe: str | None = Field(None, exclude_if=lambda v: v is None)
     axes: dict[str, str | int | float] | None = Field(None, exclude_if=lambda v: v is None)
+
+    _model = field_validator("model", mode="before")(classmethod(lambda cls, v: model_name(v)))
 
 
 class QuestionSpec(Spec):
@@ -231,12 +355,14 @@ class QuestionSpec(Spec):
 
 class StudySpec(Spec):
     name: str
-    model: str = "smollm2-135m"
+    model: str = "smollm2-135m"  # a mapping declares a model from its config (ModelConfig)
     seed: int = 0
     seeds: tuple[int, ...] | None = None  # expanded by the study loader into one run per seed
     eval: EvalSpec = EvalSpec()
     experiments: tuple[ExperimentSpec, ...]
     questions: tuple[QuestionSpec, ...] = ()
+
+    _model = field_validator("model", mode="before")(classmethod(lambda cls, v: model_name(v)))
 
     @model_validator(mode="after")
     def _unique_names(self) -> StudySpec:

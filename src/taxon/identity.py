@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 from taxon import endpoints
-from taxon.config import EvalSpec, StageSpec, digest
+from taxon.config import EvalSpec, ModelConfig, StageSpec, digest
 from taxon.errors import TaxonError
 from taxon.models import STAGE_META, aliases, use_bf16
 from taxon.settings import cache_dir
@@ -39,8 +39,23 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 def stage_id(parent: str, spec: StageSpec) -> str:
-    """A stage: its parent's identity (model identity or parent stage id) and its canonical spec."""
-    return digest(RECIPE_VERSION, parent, spec.canonical())
+    """A stage: its parent's identity (model identity or parent stage id) and its canonical spec,
+    and, for data from a corpus folder (`taxon corpus build`), that corpus's content digest: a
+    rebuilt corpus with other text is other data, wherever its folder is."""
+    corpora = [corpus_digest(ref.dataset) for ref in (*spec.data, *([spec.replay] if spec.replay else []))]
+    return digest(RECIPE_VERSION, parent, spec.canonical(), *[c for c in corpora if c])
+
+
+def corpus_digest(dataset: str) -> str | None:
+    """The content digest in a corpus folder's manifest, or None for any other dataset."""
+    manifest = Path(dataset).expanduser() / "manifest.json"
+    if "/" not in dataset or not manifest.is_file():
+        return None
+    try:
+        return "corpus:" + json.loads(manifest.read_text())["digest"]
+    except (OSError, ValueError, KeyError) as e:
+        raise TaxonError(f"{manifest} is unreadable ({e}); rebuild the corpus with "
+                         "`taxon corpus build`") from e
 
 
 def stage_meta(folder: str | Path) -> dict | None:
@@ -114,12 +129,18 @@ def _alias_identity(name: str) -> str | None:
     entry = aliases().get(name)
     if entry is None:
         return None
-    if "tiny" in entry:
-        return "config:" + digest(json.dumps(entry, sort_keys=True), str(entry.get("init_seed", 0)))
+    if "config" in entry:
+        return config_identity(ModelConfig.model_validate(entry["config"]))
     if "gguf" in entry:
         g = entry["gguf"]
         return f"gguf:{g['package']}=={_package_version(g['package'])}/{g['file']}"
     return f"hub:{entry['hub']}@{_hub_revision(entry['hub'], entry.get('revision'))}"
+
+
+def config_identity(config: ModelConfig) -> str:
+    """A declared model: every field of its config (architecture, sizes, tokenizer, init seed,
+    tied embeddings) and the recipe version that builds it."""
+    return "config:" + digest(RECIPE_VERSION, config.canonical())
 
 
 def model_identity(name: str) -> str:
@@ -130,6 +151,8 @@ def model_identity(name: str) -> str:
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _folder_identity(folder.resolve())
+    if ModelConfig.declared(name):  # written out: the same identity as an alias declaring it
+        return config_identity(ModelConfig.from_name(name))
     alias = _alias_identity(name)
     if alias is not None:
         return alias
@@ -148,12 +171,13 @@ def eval_key(task, spec: EvalSpec, model_key: str | None = None) -> str:
     """One evaluation: the task definition and everything that changes its numbers, with the
     precision resolved on this machine (an `auto` result from a bf16 machine is not reused on an
     fp32 one); for a model behind an API (`model_key` starts with `api:`), the scoring method
-    instead, `auto` resolved by the endpoint."""
+    instead, `auto` resolved by the endpoint. A corpus folder's task: its content too."""
     if model_key is not None and endpoints.is_api(model_key):
         return digest(task.canonical(), str(spec.shots), str(spec.limit), str(spec.seed),
                       "api:" + api_method(task, spec, model_key))
+    corpus = corpus_digest(task.dataset)
     return digest(task.canonical(), str(spec.shots), str(spec.limit), str(spec.seed),
-                  eval_precision(spec))
+                  eval_precision(spec), *([corpus] if corpus else []))
 
 
 def api_method(task, spec: EvalSpec, name: str) -> str:

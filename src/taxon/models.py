@@ -18,24 +18,44 @@ import torch
 import yaml
 
 from taxon import hub
-from taxon.config import StageSpec
+from taxon.config import ModelConfig, StageSpec, digest
 from taxon.errors import TaxonError
 from taxon.settings import cache_dir
 
 ALIASES_FILE = Path(__file__).with_name("models.yaml")
 ARCHITECTURES_FILE = Path(__file__).with_name("architectures.yaml")
-TINY_SEED = 0
 
 
 @cache
-def aliases() -> dict[str, dict]:
+def _table() -> dict[str, dict]:
     return yaml.safe_load(ALIASES_FILE.read_text())
+
+
+def aliases() -> dict[str, dict]:
+    """Model aliases (models.yaml without its `tokenizers:` section)."""
+    return {k: v for k, v in _table().items() if k != "tokenizers"}
+
+
+def named_tokenizers() -> dict[str, dict]:
+    """Tokenizers a declared model may name besides a model alias's own (models.yaml)."""
+    return _table().get("tokenizers", {})
+
+
+def declared_config(name: str) -> ModelConfig | None:
+    """The ModelConfig a name declares: written out (`llama(layers=2,...)`), or an alias whose
+    models.yaml entry has a `config:` (the `tiny*` models); None for anything else."""
+    if ModelConfig.declared(name):
+        return ModelConfig.from_name(name)
+    entry = aliases().get(name)
+    if entry is not None and "config" in entry:
+        return ModelConfig.model_validate(entry["config"])
+    return None
 
 
 @dataclass(frozen=True)
 class Resolved:
     name: str  # what the user typed
-    source: str  # "local", "cache", "gguf", "tiny", "hub"
+    source: str  # "local", "cache", "gguf", "config", "hub"
     location: str  # folder or Hub id
 
     def describe(self) -> str:
@@ -44,6 +64,12 @@ class Resolved:
 
 def _converted_dir(alias: str) -> Path:
     return cache_dir() / "models" / alias
+
+
+def _config_dir(config: ModelConfig) -> Path:
+    """Where a declared model is built: by its config's digest, so an alias (`tiny`) and the same
+    declaration written out share one folder."""
+    return cache_dir() / "models" / f"config-{digest(config.canonical())}"
 
 
 def _gguf_file(entry: dict) -> Path | None:
@@ -61,6 +87,12 @@ def resolve(name: str) -> Resolved:
     """Where `name` would load from now, without loading it."""
     if Path(name).expanduser().is_dir():
         return Resolved(name, "local", str(Path(name).expanduser().resolve()))
+    config = declared_config(name)
+    if config is not None:
+        folder = _config_dir(config)
+        if (folder / "config.json").is_file():
+            return Resolved(name, "cache", str(folder))
+        return Resolved(name, "config", f"random init of {config.name()} (built on first use)")
     entry = aliases().get(name)
     if entry is None:
         if "/" in name and not name.startswith((".", "/")):
@@ -71,8 +103,6 @@ def resolve(name: str) -> Resolved:
         )
     if (_converted_dir(name) / "config.json").is_file():
         return Resolved(name, "cache", str(_converted_dir(name)))
-    if "tiny" in entry:
-        return Resolved(name, "tiny", "random init from models.yaml (built on first use)")
     if "gguf" in entry and _gguf_file(entry) is not None:
         return Resolved(name, "gguf", str(_gguf_file(entry)))
     return Resolved(name, "hub", entry["hub"])
@@ -83,19 +113,23 @@ def prepare(name: str) -> Path | str:
     r = resolve(name)
     if r.source in ("local", "cache", "hub"):
         return r.location
+    if r.source == "config":
+        return build_declared(declared_config(name))  # type: ignore[arg-type]
     entry = aliases()[name]
-    if r.source == "gguf":
-        if entry["gguf"].get("chunked"):
-            return _convert_chunked(name, entry, Path(r.location))
-        return _convert_gguf(name, Path(r.location))
-    return _build_tiny(name, entry)
+    if entry["gguf"].get("chunked"):
+        return _convert_chunked(name, entry, Path(r.location))
+    return _convert_gguf(name, Path(r.location))
 
 
-def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None, extra=()) -> Path:
+def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None, extra=(),
+                replace: bool = True) -> Path:
     """Write model, tokenizer, the files `extra` (copied) and `STAGE_META` when given to a sibling
     temp folder, then rename it into place: a killed run never leaves a folder that looks
-    complete. An existing `dest` is replaced; if another process renames its copy in first, ours
-    is discarded."""
+    complete. An existing `dest` is replaced (with `replace=False`, for cache builds that give
+    the same files every time, it is kept and ours discarded, so a process already loading it
+    is not pulled from under); if another process renames its copy in first, ours is discarded."""
+    if not replace and (dest / "config.json").is_file():
+        return dest
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -105,6 +139,9 @@ def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None, extra=()
     if meta is not None:
         (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if not replace and (dest / "config.json").is_file():  # another process built it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+        return dest
     shutil.rmtree(dest, ignore_errors=True)
     try:
         tmp.rename(dest)
@@ -141,7 +178,7 @@ def _convert_gguf(alias: str, gguf_path: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
-    return atomic_save(model, tokenizer, dest)
+    return atomic_save(model, tokenizer, dest, replace=False)
 
 
 def _convert_chunked(alias: str, entry: dict, gguf_path: Path) -> Path:
@@ -162,24 +199,52 @@ def _convert_chunked(alias: str, entry: dict, gguf_path: Path) -> Path:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
-def _build_tiny(alias: str, entry: dict) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def declared_tokenizer(name: str):
+    """A tokenizer by name, offline: a named variant from models.yaml's `tokenizers:` (another
+    alias's vocabulary with some attributes changed), else the tokenizer of model `name`."""
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(prepare(entry["tokenizer_from"]))
-    for key, value in (entry.get("tokenizer") or {}).items():  # e.g. GPT-2's: no chat template
+    variant = named_tokenizers().get(name)
+    tokenizer = AutoTokenizer.from_pretrained(prepare(variant["from"] if variant else name))
+    for key, value in ((variant or {}).get("set") or {}).items():  # e.g. GPT-2's: no chat template
         setattr(tokenizer, key, value)
-    cfg = dict(entry["tiny"])
-    config = AutoConfig.for_model(
-        cfg.pop("model_type"),
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **cfg,
-    )
-    torch.manual_seed(TINY_SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return atomic_save(model, tokenizer, _converted_dir(alias))
+    return tokenizer
+
+
+def hf_config(config: ModelConfig, tokenizer):
+    """The transformers config of a declared model (derived fields: head_dim = hidden / heads;
+    Gemma's attention scale from it and a sliding window of half the context)."""
+    from transformers import AutoConfig
+
+    kv = config.kv_heads or config.heads
+    inter = config.intermediate or 4 * config.hidden
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                   tie_word_embeddings=config.tie_embeddings)
+    if config.architecture == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=config.hidden, n_layer=config.layers,
+                                    n_head=config.heads, n_positions=config.context,
+                                    n_inner=config.intermediate, **special)
+    shape = dict(hidden_size=config.hidden, intermediate_size=inter,
+                 num_hidden_layers=config.layers, num_attention_heads=config.heads,
+                 num_key_value_heads=kv, max_position_embeddings=config.context)
+    if config.architecture in ("gemma2", "gemma3_text"):
+        head_dim = config.hidden // config.heads
+        shape |= dict(head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                      sliding_window=max(1, config.context // 2))
+    return AutoConfig.for_model(config.architecture, **shape, **special)
+
+
+def build_declared(config: ModelConfig) -> Path:
+    """Build a declared model once into the cache: its tokenizer by name, random weights drawn
+    from `init_seed`. Returns the folder."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = declared_tokenizer(config.tokenizer)
+    hf = hf_config(config, tokenizer)
+    torch.manual_seed(config.init_seed)
+    model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    return atomic_save(model, tokenizer, _config_dir(config), replace=False)
 
 
 def _unreachable(name: str, location: str, err: Exception) -> TaxonError:
@@ -281,9 +346,10 @@ def architecture(name: str) -> str:
     r = resolve(name)  # unknown names fail here, in one line
     if r.source == "local":
         return _folder_architecture(name, Path(r.location))
+    config = declared_config(name)
+    if config is not None:
+        return config.architecture
     entry = aliases().get(name)
-    if entry is not None and "tiny" in entry:
-        return entry["tiny"]["model_type"]
     if entry is not None and "arch" in entry:
         return entry["arch"]
     return _hub_architecture(name, entry["hub"] if entry is not None else name)
@@ -347,5 +413,6 @@ def describe_all() -> list[tuple[str, str, str]]:
     """(alias, Hub id, where it resolves now) for `taxon models`."""
     rows = []
     for alias, entry in aliases().items():
-        rows.append((alias, entry.get("hub", "-"), resolve(alias).describe()))
+        config = declared_config(alias)
+        rows.append((alias, config.name() if config else entry.get("hub", "-"), resolve(alias).describe()))
     return rows

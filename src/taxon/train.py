@@ -24,7 +24,9 @@ from taxon import adapters, padding_free, resources, schedule
 from taxon.config import StageSpec
 from taxon.data import mixture, render
 from taxon.evals.tasks import held_out_splits
+from taxon.identity import stage_meta
 from taxon.models import STAGE_META, atomic_save, load_model, use_bf16
+from taxon.watch import Watcher, inherited_base
 
 
 class _Progress(TrainerCallback):
@@ -137,6 +139,11 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
             r=stage.lora.r, lora_alpha=stage.lora.alpha, lora_dropout=stage.lora.dropout,
             target_modules=list(stage.lora.target_modules), task_type="CAUSAL_LM",
         )
+    watcher = None
+    if stage.watch is not None:  # forgetting watched: step 0 and every N steps
+        parent = stage_meta(base) if Path(str(base)).is_dir() else None
+        watcher = Watcher(stage.watch, tokenizer, getattr(model.config, "max_position_embeddings", None),
+                          bf16, inherited_base(parent, stage.watch))
     packed = padding_free.applies(stage)
     scratch = Path(tempfile.mkdtemp(prefix="taxon-trainer-"))
     meta = {"spec": stage.model_dump(mode="json"), "base": root, "lora": stage.lora is not None}
@@ -178,7 +185,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[_Progress(desc), schedule.ContinueSchedule(),
-                   *([_StageMeta(meta)] if save_steps else []), *callbacks],
+                   *([_StageMeta(meta)] if save_steps else []), *([watcher] if watcher else []),
+                   *callbacks],
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
@@ -207,6 +215,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         "packing_efficiency": counter.efficiency(stage.steps * stage.grad_accum),
         "mixture": summary,
     }
+    if watcher is not None:
+        figures["watch"] = watcher.figures()
     meta["figures"] = figures
     if trainer.is_world_process_zero():
         kept = _stash_checkpoints(out, scratch)

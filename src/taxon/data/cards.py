@@ -84,6 +84,9 @@ class Card(Spec):
     templates: Templates
     overrides: dict[str, Override] = {}  # per-config differences; see `for_config`
     path: str = ""  # the file the card came from
+    # A corpus folder written by `taxon corpus build`: its rows are the folder's
+    # `<split>/shard-*.jsonl` files (set when the card is read from such a folder).
+    root: str = ""
     _base: Card | None = PrivateAttr(default=None)  # set on the cards `for_config` returns
 
     @model_validator(mode="after")
@@ -186,9 +189,34 @@ def all_cards() -> list[Card]:
     return sorted(seen.values(), key=lambda c: c.id)
 
 
+CORPUS_CARD = "card.yaml"
+
+
+def corpus_folder(dataset: str) -> Path | None:
+    """The folder `dataset` names when it is a corpus built by `taxon corpus build` (a path to a
+    folder holding its card), else None."""
+    path = Path(dataset).expanduser()
+    if ("/" in dataset or dataset.startswith(".")) and (path / CORPUS_CARD).is_file():
+        return path.resolve()
+    return None
+
+
+@cache
+def _corpus_card(folder: Path, stamp: float) -> Card:
+    data = load_yaml(folder / CORPUS_CARD)
+    return parse(Card, {**data, "path": str(folder / CORPUS_CARD), "root": str(folder)},
+                 f"corpus card {folder / CORPUS_CARD}")  # type: ignore[return-value]
+
+
 def get_card(dataset: str) -> Card:
+    folder = corpus_folder(dataset)
+    if folder is not None:
+        return _corpus_card(folder, (folder / CORPUS_CARD).stat().st_mtime)
     reg = _registry(tuple(_card_files()))
     if dataset not in reg:
+        if "/" in dataset and (dataset.startswith((".", "/", "~")) or Path(dataset).exists()):
+            raise TaxonError(f"no corpus at {dataset} (no {CORPUS_CARD} there); build it first "
+                             f"with `taxon corpus build SOURCES --out {dataset}`")
         raise TaxonError(
             f"unknown dataset '{dataset}': run `taxon data list` for the known cards, "
             "or add a card for it to your cards folder (TAXON_CARDS_DIR)"

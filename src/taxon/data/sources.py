@@ -20,7 +20,15 @@ from taxon.settings import DATA_DIR_ENV, data_dir
 datasets.disable_progress_bars()
 
 
+def corpus_files(card: Card, split: str) -> list[Path]:
+    """The shards of one split of a corpus folder (`taxon corpus build`)."""
+    return sorted((Path(card.root) / split).glob("shard-*.jsonl")) if card.root else []
+
+
 def mirror_file(card: Card, config: str, split: str) -> Path | None:
+    if card.root:  # a corpus folder: its first shard says the split is there
+        shards = corpus_files(card, split)
+        return shards[0] if shards else None
     root = data_dir()
     if root is None:
         return None
@@ -42,6 +50,12 @@ def where(card: Card, config: str | None = None, split: str | None = None) -> st
 
 
 def _load_hub_split(card: Card, config: str, split: str) -> datasets.Dataset:
+    if card.root:
+        shards = corpus_files(card, split)
+        if not shards:
+            raise TaxonError(f"corpus {card.root} has no {split} shards; rebuild it with "
+                             "`taxon corpus build`")
+        return datasets.load_dataset("json", data_files={split: [str(p) for p in shards]}, split=split)
     path = mirror_file(card, config, split)
     if path is not None:
         kind = "json" if path.suffix == ".jsonl" else "parquet"

@@ -26,7 +26,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from taxon.config import Spec, parse
-from taxon.data.cards import get_card
+from taxon.data.cards import corpus_folder, get_card
 from taxon.errors import TaxonError
 
 TASKS_DIR = Path(__file__).with_name("tasks")
@@ -221,10 +221,24 @@ def suite() -> list[TaskSpec]:
     return [t for t in all_tasks() if t.suite]
 
 
+def corpus_task(folder: str) -> TaskSpec:
+    """Loss and perplexity on the test split of a corpus folder (`taxon corpus build`)."""
+    card = get_card(folder)
+    if "test" not in card.splits:
+        raise TaxonError(f"corpus {folder} has no test split to evaluate on; rebuild it with "
+                         "--test-fraction above 0")
+    return TaskSpec(name=folder, description=f"perplexity on the test split of corpus {folder}",
+                    dataset=folder, split="test", output="perplexity", suite=False)
+
+
 def get_task(name: str) -> TaskSpec:
+    """A built-in task by name, or a corpus folder's perplexity task (by its path)."""
+    if name not in _registry() and corpus_folder(name) is not None:
+        return corpus_task(name)
     if name not in _registry():
         raise TaxonError(
-            f"unknown eval task '{name}'; choose from: {', '.join(sorted(_registry()))}"
+            f"unknown eval task '{name}'; choose from: {', '.join(sorted(_registry()))} (or a "
+            "corpus folder written by `taxon corpus build`)"
         )
     return _registry()[name]
 

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from taxon.config import QuestionSpec
 from taxon.evals import references
-from taxon.report import plots
+from taxon.report import forgetting, plots
 from taxon.report.arms import N_RESAMPLES, Scores
 from taxon.report.compute import Compute, arm_compute, assumptions
 from taxon.report.questions import Answer, _baseline_for, answer_all, reference
@@ -41,6 +41,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     large_models: pd.DataFrame = field(default_factory=pd.DataFrame)
+    decision: pd.DataFrame = field(default_factory=pd.DataFrame)  # watched stages (forgetting)
 
 
 def _large_models(scores: Scores, tasks: list[str]) -> pd.DataFrame:
@@ -189,14 +190,11 @@ def build(store: Store, study: str | None, questions: list[QuestionSpec] | tuple
             plots.pareto(scores, compute, tasks),
         ),
     }
-    try:  # staged runs watched during training (domain adaptation), when the store has them
-        from taxon.report import forgetting as watched
-
-        fig = watched.forgetting_figure(store, study)
-        if fig is not None:
-            figures["watched"] = ("Domain against general loss over training steps.", fig)
-    except ImportError:
-        pass
+    # stages watched during training (domain adaptation): the decision table and its figure
+    decision = pd.DataFrame(forgetting.decision_table(store, study))
+    watched = forgetting.forgetting_figure(store, study)
+    if watched is not None:
+        figures["watched"] = ("Watched stages: domain against general loss over training steps.", watched)
     for a in answers:
         if a.matrix:
             figures[f"transfer-{a.id}"] = (f"{a.id}: transfer matrix.", plots.transfer_matrix(a.matrix))
@@ -218,6 +216,7 @@ def build(store: Store, study: str | None, questions: list[QuestionSpec] | tuple
         notes,
         cited,
         _large_models(scores, tasks),
+        decision,
     )
 
 

@@ -79,6 +79,34 @@ def compute_view(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def decision_view(df: pd.DataFrame) -> pd.DataFrame:
+    """The decision table of watched stages: each run's change against the base and its verdict."""
+    if df.empty:
+        return df
+
+    def change(v, rel):
+        return "-" if v is None or pd.isna(v) else (f"{v:+.1%}" if rel else f"{v:+.3f}")
+
+    return pd.DataFrame(
+        {
+            "run": [
+                e + (" (choice)" if c else "") for e, c in zip(df["experiment"], df["choice"], strict=True)
+            ],
+            "steps": df["steps"],
+            "domain loss": [f"{v:.3f}" for v in df["domain_loss"]],
+            "general loss": [f"{v:.3f}" for v in df["general_loss"]],
+            "domain vs base": [
+                change(v, r) for v, r in zip(df["domain_vs_base"], df["relative"], strict=True)
+            ],
+            "general vs base": [
+                change(v, r) for v, r in zip(df["general_vs_base"], df["relative"], strict=True)
+            ],
+            "verdict": df["verdict"],
+            "stopped": [w or "-" for w in df["why"]],
+        }
+    )
+
+
 def comparisons_view(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
@@ -186,6 +214,8 @@ def write(report: Report, out: Path, store_path: Path, provenance: str = "") -> 
             fig.savefig(tmp / "figures" / f"{key}.svg", format="svg", metadata={"Date": None})
             plt.close(fig)
             embedded[key] = {"caption": caption, "png": base64.b64encode(png).decode()}
+        if not report.decision.empty:
+            decision_view(report.decision).to_csv(tmp / "tables" / "decision.csv", index=False)
         if not report.large_models.empty:
             report.large_models.to_csv(tmp / "tables" / "large_models.csv", index=False)
         tables = {
@@ -219,6 +249,9 @@ def write(report: Report, out: Path, store_path: Path, provenance: str = "") -> 
             figures=embedded,
             experiments=f"<pre>{jinja2.filters.escape(report.experiments_md)}</pre>",
             large_models=report.large_models.to_dict("records"),
+            decision=decision_view(report.decision).to_html(index=False, border=0)
+            if not report.decision.empty
+            else "",
         )
         (tmp / "report.html").write_text(html)
         (tmp / "report.md").write_text(markdown(report))

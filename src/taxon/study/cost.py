@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from taxon.config import ModelConfig
 from taxon.errors import TaxonError
 from taxon.settings import cache_dir
 from taxon.study.grid import model_table
@@ -101,6 +102,8 @@ def model_params(model: str) -> int | None:
     entry = model_table().get(model) or {}
     if entry.get("params"):
         return int(entry["params"])
+    if ModelConfig.declared(model):
+        return ModelConfig.from_name(model).approx_params()
     config = Path(model).expanduser() / "config.json"
     if config.is_file():
         c = json.loads(config.read_text())

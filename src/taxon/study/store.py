@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS eval_resources (
     created REAL NOT NULL, PRIMARY KEY (model_key, eval_key));
 CREATE TABLE IF NOT EXISTS studies (
     name TEXT PRIMARY KEY, spec TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS watch (
+    stage_id TEXT, step INTEGER, domain_loss REAL, general_loss REAL,
+    domain_vs_start REAL, general_vs_start REAL, domain_vs_base REAL, general_vs_base REAL,
+    verdict TEXT, PRIMARY KEY (stage_id, step));
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, kind TEXT NOT NULL, key TEXT NOT NULL,
     created REAL NOT NULL);
@@ -139,6 +143,11 @@ class Store:
             )
             self.db.execute("INSERT INTO events (run_id, kind, key, created) VALUES (?,?,?,?)",
                             (run_id, "train" if trained else "reuse", stage_id, now))
+            self.db.executemany(
+                "INSERT OR REPLACE INTO watch VALUES (?,?,?,?,?,?,?,?,?)",
+                [(stage_id, r["step"], r["domain"], r["general"], r["domain_vs_start"],
+                  r["general_vs_start"], r["domain_vs_base"], r["general_vs_base"], r["verdict"])
+                 for r in (figures.get("watch") or {}).get("log", [])])
 
     def start_run(self, run_id: str, study: str, executor: str, environment: dict) -> None:
         with self._write():
@@ -179,6 +188,12 @@ class Store:
     def events(self, kind: str | None = None) -> list[dict]:
         q = "SELECT * FROM events" + (" WHERE kind=?" if kind else "") + " ORDER BY seq"
         return [dict(r) for r in self.db.execute(q, (kind,) if kind else ())]
+
+    def watch_log(self, stage_id: str) -> list[dict]:
+        """A watched stage's points (step 0 and every N): losses, changes against the stage's
+        start and the base model (fractions when the watch is relative), verdict."""
+        q = "SELECT * FROM watch WHERE stage_id=? ORDER BY step"
+        return [dict(r) for r in self.db.execute(q, (stage_id,))]
 
     def stage(self, stage_id: str) -> dict | None:
         row = self.db.execute("SELECT * FROM stages WHERE id=?", (stage_id,)).fetchone()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from rich.console import Console
 
-from taxon import hub
+from taxon import hub, watch
 from taxon.config import DataRef, StudySpec
 from taxon.data.cards import get_card
 from taxon.data.sources import mirror_file
@@ -103,6 +103,9 @@ def _collect(study: StudySpec, for_run: bool) -> tuple[dict[str, list[str]], dic
                     and stage.lora.target_modules is None):
                 check(f"experiment '{exp.name}' stage {j}",
                       lambda stage=stage, model=model: (resolve_targets(stage, model) and None, None))
+            if stage.watch is not None:  # watch tasks resolve and are perplexity tasks
+                check(f"experiment '{exp.name}' stage {j}",
+                      lambda stage=stage: (watch.check(stage.watch) or None, None))
     for name in study.eval.tasks if list(study.eval.tasks) != ["all"] else ():
         check("eval", lambda name=name: (None, _task_unavailable(name)))
     arms = list(dict.fromkeys(arm_of(e.name) for e in study.experiments))
