@@ -331,11 +331,9 @@ def _write_report(store, study: str | None, out: Path, summary_to: Path | None =
 
     path, rep = report_study(store, study, out)
     console.rule("results")
-    view = summary_view(rep.summary)
-    table = Table(*view.columns)
-    for row in view.itertuples(index=False):
-        table.add_row(*(str(v) for v in row))
-    console.print(table)
+    view = summary_view(rep.summary)  # Markdown, unwrapped: it pastes into notes as it is
+    console.print(view.to_markdown(index=False) if not view.empty else "(no results)",
+                  highlight=False, soft_wrap=True, markup=False, emoji=False)
     for note in rep.notes[:1]:
         console.print(note, highlight=False)
     console.rule("answers")

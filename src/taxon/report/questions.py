@@ -122,7 +122,8 @@ def _holm(rows: list[Row]) -> list[Row]:
 
 
 def _why_not(rows: list[Row], scores: Scores, a: Arm, b: Arm) -> str:
-    """What the design could not reach, and what would reach it."""
+    """What the design could not reach, and what would reach it: more seeds where seeds vary
+    (paired t power), more test items where one seed stands for an arm (bootstrap scaling)."""
     parts = []
     seeds = min(len(a.seeds), len(b.seeds))
     if seeds >= 2 and stats.smallest_wilcoxon_p(seeds) >= ALPHA:
@@ -131,12 +132,20 @@ def _why_not(rows: list[Row], scores: Scores, a: Arm, b: Arm) -> str:
             f"(at least {stats.seeds_needed()} seeds needed)"
         )
     for r in rows:
-        if r.decides and r.comparison.effect:
-            need = stats.items_needed(r.comparison)
+        c = r.comparison
+        if seeds >= 2 and c.test == "paired_t" and c.effect is not None:
+            need = stats.seeds_for_power(c.effect)
+            if need:
+                parts.append(
+                    f"{r.task}: about {need} seeds would give a paired t test 80% power for the "
+                    f"observed effect (d_z = {c.effect:.2f})"
+                )
+        elif seeds < 2 and r.decides and c.effect:
+            need = stats.items_needed(c)
             if need.n:
                 parts.append(
                     f"{r.task}: about {need.n} test items would make the observed "
-                    f"{r.metric} difference {r.comparison.effect:+.3f} significant"
+                    f"{r.metric} difference {c.effect:+.3f} significant"
                 )
     return "; ".join(parts)
 

@@ -137,6 +137,17 @@ def seeds_needed(alpha: float = ALPHA) -> int:
     return n
 
 
+def seeds_for_power(d_z: float, alpha: float = ALPHA, power: float = 0.8) -> int | None:
+    """Seeds a paired t test needs to detect a standardised per-seed effect d_z with the given
+    power (statsmodels `TTestPower.solve_power`); None when there is no effect to detect."""
+    from statsmodels.stats.power import TTestPower
+
+    if not d_z or not math.isfinite(d_z):
+        return None
+    n = TTestPower().solve_power(effect_size=abs(d_z), alpha=alpha, power=power, alternative="two-sided")
+    return max(2, math.ceil(float(n)))
+
+
 def wilcoxon_seeds(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -> Comparison:
     """Wilcoxon signed-rank test (scipy, two-sided) on paired per-seed scores of two arms.
 
