@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from cli_runner import run_taxon
 from sklearn.metrics import f1_score
 
 from taxon.config import QuestionSpec
@@ -23,7 +24,6 @@ from taxon.report.questions import answer_all
 from taxon.report.write import write
 from taxon.study.load import arm_of
 from taxon.study.store import Store
-from tests.cli_runner import run_taxon
 
 N = 300  # FPB-like items, three classes
 
@@ -231,8 +231,7 @@ def test_demo_report_renders_in_headless_chromium(tmp_path, data_dir, monkeypatc
     import subprocess
 
     import yaml
-
-    from tests.conftest import REPO_ROOT
+    from conftest import REPO_ROOT
 
     study = yaml.safe_load((REPO_ROOT / "examples" / "quickstart.yaml").read_text())
     study["model"] = "tiny"
