@@ -310,3 +310,30 @@ def test_api_arm_is_the_large_model_reference(tmp_path):
     assert zs.pct_of_reference == pytest.approx(100 * zs["mean"] / api_mean)  # the API arm is the yardstick
     page = write(rep, tmp_path / "out", store.path).read_text()
     assert 'id="large-models"' in page and "What is the sentiment" in page
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("questions:\n  - {id: q, compare: [lora-sft, nope]}\n", "question q: no arm named 'nope'"),
+        ("questions:\n  - {id: q, compare: [lora-sft, zero-shot], tasks: [sst2]}\n",
+         "question q: task 'sst2' is not evaluated"),
+        ("questions:\n  - {id: q, compare: [lora-sft]}\n", "two or more arms"),
+        ("seeds: [0, 0]\n", "field 'seeds'"),
+    ],
+)
+def test_bad_questions_and_seeds_stop_before_training(tmp_path, data_dir, extra, message):
+    study = tmp_path / "s.yaml"
+    study.write_text(
+        "name: s\nmodel: tiny\nseeds: [0, 1]\neval: {tasks: [fpb], limit: 8}\nexperiments:\n"
+        "  - {name: zero-shot, stages: []}\n"
+        "  - name: lora-sft\n    stages: [{objective: sft, data: [{dataset: takala/financial_phrasebank}],"
+        " steps: 1, batch_size: 2}]\n" + extra.replace("seeds: [0, 0]\n", "")
+    )
+    if extra.startswith("seeds"):
+        study.write_text(study.read_text().replace("seeds: [0, 1]", "seeds: [0, 0]"))
+    r = run_taxon("study", "run", study, cwd=tmp_path, env={"TAXON_CACHE_DIR": str(tmp_path / "cache")})
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and message in out, out
+    assert len([line for line in out.strip().splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache" / "stages").exists()

@@ -321,13 +321,12 @@ def study_run(
               json_dir=json_dir or Path("results") / study.name / "json", launcher=launcher,
               experiments=experiments)
     _write_report(s, study.name, out or Path("results") / study.name / "report", summary_to=report)
-    _print_forgetting(s, study.name, Path("results") / study.name)
 
 
 def _write_report(store, study: str | None, out: Path, summary_to: Path | None = None) -> None:
     """The study's report: its summary and answers on the console, every format in `out`."""
     from taxon.report.build import answer_lines
-    from taxon.report.write import report_study, summary_view
+    from taxon.report.write import decision_view, report_study, summary_view
 
     path, rep = report_study(store, study, out)
     console.rule("results")
@@ -336,6 +335,10 @@ def _write_report(store, study: str | None, out: Path, summary_to: Path | None =
                   highlight=False, soft_wrap=True, markup=False, emoji=False)
     for note in rep.notes[:1]:
         console.print(note, highlight=False)
+    if not rep.decision.empty:  # watched stages: each run against the base, and the choice
+        console.rule("decision table")
+        console.print(decision_view(rep.decision).to_markdown(index=False), highlight=False,
+                      soft_wrap=True, markup=False, emoji=False)
     console.rule("answers")
     for line in answer_lines(rep):  # one line each, unwrapped, so they can be grepped and copied
         console.print(line, highlight=False, soft_wrap=True, markup=False, emoji=False)
@@ -344,33 +347,6 @@ def _write_report(store, study: str | None, out: Path, summary_to: Path | None =
         summary_to.parent.mkdir(parents=True, exist_ok=True)
         summary_to.write_text(f"# {study}\n\n" + (out / "report.md").read_text())
         console.print(f"report Markdown also written to {summary_to}")
-
-
-def _print_forgetting(store, study: str, folder: Path) -> None:
-    """The decision table of a study with watched stages, and its forgetting plot (PNG)."""
-    from taxon.report.forgetting import decision_table, forgetting_figure
-
-    rows = decision_table(store, study)
-    if not rows:
-        return
-    rel = rows[0]["relative"]
-
-    def change(v: float) -> str:
-        return f"{v:+.1%}" if rel else f"{v:+.3f}"
-
-    table = Table("experiment", "steps", "domain loss", "general loss", "domain vs base",
-                  "general vs base", "verdict", "stopped", title="decision table")
-    for r in rows:
-        table.add_row(r["experiment"] + (" (choice)" if r["choice"] else ""), str(r["steps"]),
-                      f"{r['domain_loss']:.3f}",
-                      f"{r['general_loss']:.3f}", change(r["domain_vs_base"]),
-                      change(r["general_vs_base"]), r["verdict"], r["why"] or "-")
-    console.print(table)
-    fig = forgetting_figure(store, study)
-    if fig is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        fig.savefig(folder / "forgetting.png", dpi=120)
-        console.print(f"forgetting plot written to {folder / 'forgetting.png'}")
 
 
 @corpus_app.command("build")

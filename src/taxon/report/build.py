@@ -15,7 +15,7 @@ from taxon.evals import references
 from taxon.report import forgetting, plots
 from taxon.report.arms import N_RESAMPLES, Scores
 from taxon.report.compute import Compute, arm_compute, assumptions
-from taxon.report.questions import Answer, _baseline_for, answer_all, reference
+from taxon.report.questions import Answer, answer_all, baseline_for, reference
 from taxon.report.tables import results_table
 from taxon.study.store import Store
 
@@ -85,7 +85,7 @@ def _large_models(scores: Scores, tasks: list[str]) -> pd.DataFrame:
 def _summary(scores: Scores, tasks: list[str]) -> tuple[pd.DataFrame, list[str]]:
     rows, cited = [], {}
     for arm in scores.arms:
-        base = _baseline_for(scores, arm)
+        base = baseline_for(scores, arm)
         for t in tasks:
             s = scores.score(arm, t)
             if s is None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from taxon.config import QuestionSpec
 from taxon.evals import references
 from taxon.report import stats
-from taxon.report.arms import Arm, ArmScore, Scores
+from taxon.report.arms import Arm, ArmScore, Scores, primary_metric
 
 ALPHA = stats.ALPHA
 TEMPLATES = {
@@ -272,7 +272,7 @@ def rank_many(
     return answer
 
 
-def _baseline_for(scores: Scores, arm: Arm) -> Arm | None:
+def baseline_for(scores: Scores, arm: Arm) -> Arm | None:
     """The zero-shot arm of the same model."""
     return next(
         (b for b in scores.arms if not b.trains and b.model == arm.model and not b.model.startswith("api:")),
@@ -290,7 +290,7 @@ def transfer(scores: Scores, qid: str, ask: str, tasks: list[str], metric: str |
         return answer
     rows, matrix = [], {"trained": [], "tasks": tasks, "gain": [], "p": [], "diagonal": []}
     for arm in trained:
-        base = _baseline_for(scores, arm)
+        base = baseline_for(scores, arm)
         if base is None:
             continue
         gains, cells = [], []
@@ -393,17 +393,12 @@ def reference(scores: Scores, task: str, metric: str | None) -> tuple[float, str
     if not results:
         return None
     metrics = results[0]["metrics"]
-    wanted = metric or scores_primary(task)
+    wanted = metric or primary_metric(task)
     ref = references.target(
         task, {wanted: metrics.get(wanted)} if wanted in metrics else {}, results[0]["shots"]
     )
     return None if ref is None else (ref.value, f"{ref.model}'s published {ref.metric} {ref.value:.3f}")
 
-
-def scores_primary(task: str) -> str:
-    from taxon.report.arms import primary_metric
-
-    return primary_metric(task)
 
 
 def _named(scores: Scores, names: tuple[str, ...], qid: str) -> list[Arm]:
@@ -491,7 +486,7 @@ def default_questions(scores: Scores) -> list[QuestionSpec]:
         out.append(QuestionSpec(template="rq5"))
     if not out:
         for arm in scores.arms:
-            base = _baseline_for(scores, arm)
+            base = baseline_for(scores, arm)
             if arm.trains and base is not None:
                 out.append(
                     QuestionSpec(

@@ -71,6 +71,19 @@ def _paired_floats(a, b) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _interval_and_p(effect: float, diffs: np.ndarray) -> tuple[float, float, float]:
+    """Percentile 95% interval of resampled differences, and the two-sided bootstrap p: twice the
+    share of differences on the other side of 0 from the observed effect (capped at 1)."""
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    if effect > 0:
+        p = min(1.0, 2 * float(np.mean(diffs <= 0)))
+    elif effect < 0:
+        p = min(1.0, 2 * float(np.mean(diffs >= 0)))
+    else:
+        p = 1.0
+    return float(low), float(high), p
+
+
 def paired_bootstrap(y_true, pred_a, pred_b, metric: str, n_resamples: int = 1000, seed: int = 0,
                      n_classes: int | None = None) -> Comparison:
     """Difference metric(a) - metric(b) on the same test items, with a percentile 95% interval and a
@@ -92,13 +105,7 @@ def paired_bootstrap(y_true, pred_a, pred_b, metric: str, n_resamples: int = 100
     for r in range(n_resamples):
         idx = rng.integers(0, n, n)
         diffs[r] = float(fn(y[idx], a[idx], None)) - float(fn(y[idx], b[idx], None))
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    if effect > 0:
-        p = min(1.0, 2 * float(np.mean(diffs <= 0)))
-    elif effect < 0:
-        p = min(1.0, 2 * float(np.mean(diffs >= 0)))
-    else:
-        p = 1.0
+    low, high, p = _interval_and_p(effect, diffs)
     note = (f"paired bootstrap of {metric} over {n} items, {n_resamples} resamples (seed {seed}), "
             f"metric recomputed on each resample; effect = a - b with its percentile 95% interval; "
             f"p = 2 x share of resampled differences on the other side of 0 (capped at 1; "
@@ -329,13 +336,7 @@ def paired_two_level_bootstrap(a: Sequence, b: Sequence, n_items: int, n_resampl
             idx = rng.integers(0, n_items, n_items)
             total += pick_a(s)(idx) - pick_b(s)(idx)
         diffs[r] = total / len(drawn)
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    if effect > 0:
-        p = min(1.0, 2 * float(np.mean(diffs <= 0)))
-    elif effect < 0:
-        p = min(1.0, 2 * float(np.mean(diffs >= 0)))
-    else:
-        p = 1.0
+    low, high, p = _interval_and_p(effect, diffs)
     levels = f"{k} seeds, then {n_items} items" if k > 1 else f"{n_items} items"
     note = (f"paired bootstrap of {metric} ({levels}), {n_resamples} resamples (seed {seed}), metric "
             f"recomputed on each resample; effect = a - b with its percentile 95% interval; p = 2 x "

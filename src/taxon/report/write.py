@@ -140,35 +140,26 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _md(view: pd.DataFrame, empty: str) -> str:
+    return view.to_markdown(index=False) if not view.empty else empty
+
+
 def markdown(report: Report, figure_dir: str = "figures") -> str:
     lines = [f"# taxon report: {report.study or 'all experiments'}", "", "## Research questions", ""]
     for a in report.answers:
         lines += [f"### {a.id}: {a.ask}", "", f"**{a.answer}**", ""] + [f"- {e}" for e in a.evidence] + [""]
-    lines += [
-        "## Summary: arms over seeds",
-        "",
-        summary_view(report.summary).to_markdown(index=False) if not report.summary.empty else "(no results)",
-        "",
-    ]
+    lines += ["## Summary: arms over seeds", "", _md(summary_view(report.summary), "(no results)"), ""]
     lines += [f"{n}" for n in report.notes] + [""]
     if report.references:
         lines += ["References: " + "; ".join(report.references), ""]
-    lines += [
-        "## Compute",
-        "",
-        compute_view(report.compute).to_markdown(index=False)
-        if not report.compute.empty
-        else "(nothing trained)",
-        "",
-        "## Comparisons",
-        "",
-        comparisons_view(report.comparisons).to_markdown(index=False)
-        if not report.comparisons.empty
-        else "(no comparisons)",
-        "",
-        "## Figures",
-        "",
-    ]
+    sections = [("Compute", compute_view(report.compute), "(nothing trained)"),
+                ("Comparisons", comparisons_view(report.comparisons), "(no comparisons)")]
+    if not report.decision.empty:
+        sections.insert(0, ("Decision table: watched stages against the base",
+                            decision_view(report.decision), ""))
+    for title, view, empty in sections:
+        lines += [f"## {title}", "", _md(view, empty), ""]
+    lines += ["## Figures", ""]
     lines += [f"![{cap}]({figure_dir}/{key}.png)" for key, (cap, _) in report.figures.items()]
     lines += ["", "## Per experiment (each seed)", "", report.experiments_md, ""]
     return "\n".join(lines)
@@ -227,9 +218,7 @@ def write(report: Report, out: Path, store_path: Path, provenance: str = "") -> 
         for name, (raw, view, caption) in tables.items():
             raw.to_csv(tmp / "tables" / f"{name}.csv", index=False)
             (tmp / "tables" / f"{name}.tex").write_text(_latex(view, caption))
-            (tmp / "tables" / f"{name}.md").write_text(
-                view.to_markdown(index=False) if not view.empty else ""
-            )
+            (tmp / "tables" / f"{name}.md").write_text(_md(view, ""))
             html_tables[name] = (
                 view.to_html(index=False, border=0, escape=True) if not view.empty else "<p>(none)</p>"
             )
