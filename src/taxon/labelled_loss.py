@@ -22,6 +22,8 @@ import torch
 from transformers import DynamicCache
 from trl import SFTTrainer
 
+from taxon.length_groups import LengthGroupedBatches
+
 # A shared prefix shorter than this is not split off: a second forward pass costs more than a few
 # tokens saved.
 MIN_SHARED = 8
@@ -74,7 +76,19 @@ def labelled_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
 
 class LabelledLossTrainer(SFTTrainer):
     """SFTTrainer whose loss, off CUDA, projects only the labelled positions (no entropy or
-    token-accuracy logs there); on CUDA it is TRL's fused head unchanged."""
+    token-accuracy logs there); on CUDA it is TRL's fused head unchanged. With
+    `train_sampling_strategy="group_by_length"` its batches come from `taxon.length_groups`,
+    seeded by `data_seed`, instead of transformers' mega-batches (which do not group short runs)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        data = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or "input_ids" not in getattr(
+                data, "column_names", ()):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        # The global micro-batch: under DDP accelerate hands each process its slice of it.
+        batch = self.args.per_device_train_batch_size * self.args.world_size
+        return LengthGroupedBatches([len(x) for x in data["input_ids"]], batch, seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or inputs["input_ids"].device.type == "cuda":
