@@ -202,10 +202,17 @@ def gold_answer(task: TaskSpec, card, vars: dict) -> str:
     return extract(task.extractor, completion)
 
 
-def _generate(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_size,
-              bf16) -> TaskResult:
+def generation_items(tokenizer, task: TaskSpec, *, shots: int, limit: int | None, seed: int):
+    """The items of a generation task and each one's prompt as the model is given it; with the
+    split size and whether the chat template was used."""
     its, n_total, _ = _items(task, limit, seed)
     contexts, chat = _contexts(tokenizer, task, its, shots, seed)
+    return its, n_total, contexts, chat
+
+
+def _generate(model, tokenizer, task: TaskSpec, *, shots, limit, seed, batch_size,
+              bf16) -> TaskResult:
+    its, n_total, contexts, chat = generation_items(tokenizer, task, shots=shots, limit=limit, seed=seed)
     gens = generate(model, tokenizer, contexts, max_new_tokens=task.max_new_tokens, stop=task.stop,
                     batch_size=batch_size, bf16=bf16, desc=task.name)
     return generation_result(task, its, n_total, shots, seed, gens, chat)

@@ -1,12 +1,17 @@
 """The one generation path: batched greedy decoding, cut at stop strings; and answer extractors.
 
 Prompts are tokenised as the scorer tokenises contexts (no special tokens added: a chat template
-already holds them), sorted by length (longest first) and left-padded, with an attention mask
-that hides the padding; `generate` derives position ids from that mask, so a prompt decodes the
-same alone or in a batch. A row stops at EOS, at `max_new_tokens`, or once its generated text
-holds a stop string; the decoded text is then cut at the first stop string. A prompt longer than
-the model's context minus `max_new_tokens` loses its oldest tokens (few-shot demonstrations
-first), as lm-evaluation-harness does; `Generation.truncated` says when.
+already holds them) and grouped as the scorer groups contexts (`scoring.prefix_chunks`): prompts
+that share a long prefix (few-shot demonstrations, a task's fixed instruction) have it encoded
+once, in one pass, and every batch continues from that prefix's cache rows, so only each prompt's
+own tokens are encoded. Within a group, prompts are sorted by what remains (longest first) and
+left-padded, with an attention mask that hides the padding (a row is [padding, prefix, padding,
+own tokens]); `generate` derives position ids from that mask, so a prompt decodes the same alone,
+in a batch, or after a shared prefix (tests compare the three). A row stops at EOS, at
+`max_new_tokens`, or once its generated text holds a stop string (a batch ends when all its rows
+have); the decoded text is then cut at the first stop string. A prompt longer than the model's
+context minus `max_new_tokens` loses its oldest tokens (few-shot demonstrations first), as
+lm-evaluation-harness does, before prefixes are looked for; `Generation.truncated` says when.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from taxon.evals.metrics import NUMBER
+from taxon.evals.scoring import CacheRows, encode_prefixes, prefix_chunks
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,10 @@ def prompt_budget(model, max_new_tokens: int) -> int | None:
 
 def generate(
     model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = (),
-    batch_size: int = 16, bf16: bool = False, desc: str = "generating",
+    batch_size: int = 16, bf16: bool = False, desc: str = "generating", share_prefix: bool = True,
 ) -> list[Generation]:
-    """Greedy continuations of `prompts`, in order."""
+    """Greedy continuations of `prompts`, in order. `share_prefix=False` encodes every prompt in
+    full (the plain path, kept to check the shared one against)."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     budget = prompt_budget(model, max_new_tokens)
     truncated = [budget is not None and len(ids) > budget for ids in encoded]
@@ -80,33 +87,67 @@ def generate(
         raise ValueError("empty prompt: give at least one token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(model, tokenizer)
-    device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    chunks = (prefix_chunks(encoded, batch_size) if share_prefix
+              else [[(0, list(range(len(encoded))))]])
     out: list[Generation | None] = [None] * len(encoded)
-    bar = tqdm(total=len(order), desc=desc, unit="seq", dynamic_ncols=True, leave=False)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = len(encoded[batch[0]])
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]) :] = 1
-        criteria = StoppingCriteriaList([_StopStrings(tokenizer, stop, width)] if stop else [])
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            seqs = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                pad_token_id=pad_id, eos_token_id=eos_ids, stopping_criteria=criteria,
-            )
-        for i, generated in zip(batch, seqs[:, width:].tolist(), strict=True):
-            # Up to the first EOS: what follows it is padding of a row that finished early.
-            end = next((k for k, t in enumerate(generated) if t in eos_ids), len(generated))
-            text = tokenizer.decode(generated[:end], skip_special_tokens=True)
-            out[i] = Generation(cut_at_stop(text, stop), len(encoded[i]), end, truncated[i])
-        bar.update(len(batch))
+    bar = tqdm(total=len(encoded), desc=desc, unit="seq", dynamic_ncols=True, leave=False)
+    for chunk in chunks:
+        prefixes, parent = None, {}  # parent: item -> its prefix's cache row
+        if chunk[0][0]:
+            seqs = [tuple(encoded[members[0]][:p]) for p, members in chunk]
+            prefixes = encode_prefixes(model, seqs, pad_id, bf16)
+            parent = {i: row for row, (_, members) in enumerate(chunk) for i in members}
+        shared = {i: p for p, members in chunk for i in members}
+        items = sorted((i for _, members in chunk for i in members),
+                       key=lambda i: len(encoded[i]) - shared[i], reverse=True)
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            past = prefixes.select([parent[i] for i in batch]) if prefixes is not None else None
+            rows = [(encoded[i][: shared[i]], encoded[i][shared[i] :]) for i in batch]
+            for i, generated in zip(batch, _decode(model, tokenizer, rows, past, pad_id, eos_ids,
+                                                   max_new_tokens, stop, bf16), strict=True):
+                # Up to the first EOS: what follows it is padding of a row that finished early.
+                end = next((k for k, t in enumerate(generated) if t in eos_ids), len(generated))
+                text = tokenizer.decode(generated[:end], skip_special_tokens=True)
+                out[i] = Generation(cut_at_stop(text, stop), len(encoded[i]), end, truncated[i])
+            bar.update(len(batch))
     bar.close()
     return out  # type: ignore[return-value]
+
+
+def _decode(model, tokenizer, rows: list[tuple[list[int], list[int]]], past: CacheRows | None,
+            pad_id: int, eos_ids: list[int], max_new_tokens: int, stop: Sequence[str],
+            bf16: bool) -> list[list[int]]:
+    """The generated tokens of each (cached prefix, new tokens) row. A row is laid out as
+    [padding, prefix, padding, new tokens]: the prefix part is `past`'s own padded layout (its
+    keys and values are already in the cache, so `generate` feeds only what follows), the new
+    tokens are left-padded to the batch's longest. `generate` derives position ids from the mask
+    (its running count of real tokens), so every real token keeps the position it has alone."""
+    device = next(model.parameters()).device
+    width = max(len(new) for _, new in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (_, new) in enumerate(rows):
+        ids[row, width - len(new) :] = torch.tensor(new)
+        mask[row, width - len(new) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    cache = None
+    if past is not None:
+        # The prefix's own tokens in front (as `past.mask` lays them out), so input_ids hold
+        # the whole prompt for anything that reads them (logits processors, stop criteria).
+        head = torch.full(past.mask.shape, pad_id, dtype=torch.long, device=device)
+        for row, (prefix, _) in enumerate(rows):
+            head[row, head.shape[1] - len(prefix) :] = torch.tensor(prefix)
+        ids, mask, cache = torch.cat([head, ids], dim=-1), torch.cat([past.mask, mask], dim=-1), past.cache
+    start = ids.shape[1]
+    criteria = StoppingCriteriaList([_StopStrings(tokenizer, stop, start)] if stop else [])
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        seqs = model.generate(
+            input_ids=ids, attention_mask=mask, past_key_values=cache,
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=pad_id, eos_token_id=eos_ids, stopping_criteria=criteria,
+        )
+    return seqs[:, start:].tolist()
 
 
 # --- extractors: the answer inside a generated (or reference) text ------------------------------

@@ -117,13 +117,29 @@ def _chunks(runs: list[list[_Context]], batch_size: int) -> list[list[list[_Cont
     return chunks + ([[plain]] if plain else [])
 
 
-class _Rows:
+def prefix_chunks(seqs: Sequence[Sequence[int]], batch_size: int) -> list[list[tuple[int, list[int]]]]:
+    """`seqs` grouped as the scorer groups its contexts, for another user of the same plan
+    (generation): chunks of runs, each run (shared prefix length, indices into `seqs`). A run
+    without a prefix has length 0 (all such sequences form one run in the last chunk)."""
+    contexts = [_Context(tuple(s)) for s in seqs]
+    index = {id(c): k for k, c in enumerate(contexts)}
+    return [[(run[0].prefix, [index[id(c)] for c in run]) for run in chunk]
+            for chunk in _chunks(_runs(contexts), batch_size)]
+
+
+def encode_prefixes(model, prefixes: list[Tokens], pad_id: int, bf16: bool = False) -> CacheRows:
+    """One left-padded pass over `prefixes`: their cache rows, to continue from with `select`."""
+    _, rows = _forward(model, prefixes, pad_id, 1, None, True, bf16)
+    return rows  # type: ignore[return-value]
+
+
+class CacheRows:
     """A batch's cache with its 2-D padding mask and the number of real tokens per row."""
 
     def __init__(self, cache, mask: torch.Tensor, lengths: torch.Tensor):
         self.cache, self.mask, self.lengths = cache, mask, lengths
 
-    def select(self, idx: list[int]) -> _Rows:
+    def select(self, idx: list[int]) -> CacheRows:
         """The rows `idx` (repeats allowed) as a new cache; the original stays as it was."""
         if all(i == idx[0] for i in idx):
             # One parent row for the whole batch (a subject's demonstrations): a broadcast view,
@@ -143,11 +159,11 @@ class _Rows:
                 new.keys, new.values = pick(layer.keys), pick(layer.values)
             layers.append(new)
         out.layers = layers
-        return _Rows(out, pick(self.mask), pick(self.lengths))
+        return CacheRows(out, pick(self.mask), pick(self.lengths))
 
 
-def _forward(model, seqs: list[Tokens], pad_id: int, keep: int, past: _Rows | None, want_cache: bool,
-             bf16: bool) -> tuple[torch.Tensor, _Rows | None]:
+def _forward(model, seqs: list[Tokens], pad_id: int, keep: int, past: CacheRows | None, want_cache: bool,
+             bf16: bool) -> tuple[torch.Tensor, CacheRows | None]:
     """One pass over `seqs` (left-padded), each continuing its row of `past`. Returns the
     log-probabilities at the last `keep` positions [rows, keep, vocab] (float32, on CPU) and,
     if asked, the rows' cache."""
@@ -170,7 +186,7 @@ def _forward(model, seqs: list[Tokens], pad_id: int, keep: int, past: _Rows | No
         out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
                     use_cache=cache is not None, logits_to_keep=keep)
     logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()
-    return logprobs, (_Rows(cache, full_mask, lengths) if want_cache else None)
+    return logprobs, (CacheRows(cache, full_mask, lengths) if want_cache else None)
 
 
 def _sum_at(logprobs: torch.Tensor, row: int, start: int, tokens: Sequence[int]) -> float:
@@ -225,7 +241,7 @@ def loglikelihoods(
     return out
 
 
-def _score_choices(model, rows: _Rows, choice_reqs, out: list[float], pad_id: int, batch_size: int,
+def _score_choices(model, rows: CacheRows, choice_reqs, out: list[float], pad_id: int, batch_size: int,
                    bf16: bool, bar) -> None:
     """Second and later tokens of multi-token continuations: each distinct (context row, input)
     continues from the context's cache row; `out` already holds each first token's log-prob."""
