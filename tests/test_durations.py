@@ -231,3 +231,27 @@ def test_study_run_evaluates_checkpoints_without_training_them(tmp_path, monkeyp
     after = weights(ckpt2.path, ckpt2.spec)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert run.path.stat().st_mtime == mtimes[run.id]
+
+
+def test_checkpoints_of_a_last_stage_are_evaluated(tmp_path):
+    path = tmp_path / "kept.yaml"
+    path.write_text("""
+name: kept
+model: tiny
+seeds: [0, 1]
+experiments:
+  - name: cos
+    stages:
+      - {objective: sft, data: [{dataset: fpb}], steps: 8, schedule: cosine, checkpoint_every: 3}
+""")
+    study = load_study(path)
+    names = [e.name for e in study.experiments]
+    assert names == ["cos[seed=0]", "cos[steps=3,seed=0]", "cos[steps=6,seed=0]",
+                     "cos[seed=1]", "cos[steps=3,seed=1]", "cos[steps=6,seed=1]"]
+    assert study.experiments[1].axes == {"seed": 0, "steps": 3}
+    experiments = {e.name: e for e in plan(study)}
+    run = experiments["cos[seed=1]"].stages[0]
+    assert (run.kind, run.spec.checkpoints) == ("run", (3, 6))
+    kept = experiments["cos[steps=6,seed=1]"].stages[0]
+    assert (kept.kind, kept.spec.steps, kept.spec.run_steps, kept.spec.seed) == ("checkpoint", 6, 8, 1)
+    assert study_cost(list(experiments.values())).steps == 16  # one 8-step run per seed

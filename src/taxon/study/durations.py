@@ -15,13 +15,20 @@ own stream but not the same examples. Its spec says so (`run_steps`), so its sta
 k-step run's. Trained alone (a run stopped at k) it gives the same weights, which is what keeps a
 missing checkpoint folder recoverable (tests/test_durations.py compares them tensor by tensor).
 
+A stage can also ask for checkpoints itself (`checkpoints: [250, 1000]` or `checkpoint_every`):
+they are kept while it trains, and those of an experiment's last stage are evaluated, each as an
+experiment of its own (`name[steps=250]`, `checkpoint_experiments`).
+
 wsd families are left to `study/wsd.py` (a trunk plus each duration's own cooldown); cosine and
 linear decay over the whole run, so each of their durations stays its own run.
 """
 
 from __future__ import annotations
 
-from taxon.config import StageSpec
+import re
+
+from taxon.config import ExperimentSpec, StageSpec, StudySpec
+from taxon.errors import TaxonError
 from taxon.schedule import checkpoint, whole_run
 from taxon.study import wsd
 from taxon.study.wsd import Step
@@ -68,7 +75,8 @@ def expand(items: list[tuple[str, StageSpec]]) -> list[list[Step]]:
         elif spec.checkpoints:
             kept.setdefault((parent, spec.canonical()), set()).update(spec.checkpoints)
     out: list[list[Step] | None] = [None] * len(items)
-    rest = [i for i in range(len(items)) if i not in served and items[i][1].run_steps is None]
+    rest = [i for i in range(len(items)) if i not in served and items[i][1].run_steps is None
+            and not items[i][1].checkpoints]
     for i, steps in zip(rest, wsd.expand([items[i] for i in rest]), strict=True):
         out[i] = steps
     for i, (parent, spec) in enumerate(items):
@@ -76,7 +84,7 @@ def expand(items: list[tuple[str, StageSpec]]) -> list[list[Step]]:
             longest = max(durations[_family(parent, spec)])
             if spec.steps < longest:  # the family's longest run keeps this duration
                 spec = checkpoint(spec.model_copy(update={"steps": longest}), spec.steps)
-        elif spec.run_steps is None:
+        elif spec.run_steps is None and not spec.checkpoints:
             continue
         out[i] = [_step(parent, spec, kept)]
     return out  # type: ignore[return-value]
@@ -95,3 +103,36 @@ def _step(parent: str, spec: StageSpec, kept: dict[tuple[str, str], set[int]]) -
         return Step(spec, "checkpoint", f"checkpoint at {spec.steps} of the {spec.run_steps}-step run")
     return Step(spec, "run", f"first {spec.steps} steps of a {spec.run_steps}-step run, trained alone "
                              "(no run of the plan keeps it)")
+
+
+_STEPS = re.compile(r"(?<=[\[,])steps=[^,\]]*")
+
+
+def _named(name: str, step: int) -> str:
+    """`sft` -> `sft[steps=250]`; `a[model=m,steps=20k,seed=0]` -> `a[model=m,steps=250,seed=0]`."""
+    if _STEPS.search(name):
+        return _STEPS.sub(f"steps={step}", name, count=1)
+    head, bracket, rest = name.partition("[")
+    return f"{head}[steps={step},{rest}" if bracket else f"{name}[steps={step}]"
+
+
+def checkpoint_experiments(study: StudySpec, source: str) -> StudySpec:
+    """The study with the checkpoints an experiment's last stage keeps evaluated: after each such
+    experiment, one per checkpoint, whose last stage is that checkpoint (the planner finds the run
+    that keeps it, so nothing more trains). Its `steps` axis is the checkpoint's step."""
+    out: list[ExperimentSpec] = []
+    for exp in study.experiments:
+        out.append(exp)
+        last = exp.stages[-1] if exp.stages else None
+        for step in last.checkpoints if last is not None else ():
+            axes = {**exp.axes, "steps": step} if exp.axes else None
+            out.append(exp.model_copy(update={"name": _named(exp.name, step), "axes": axes,
+                                              "stages": (*exp.stages[:-1], checkpoint(last, step))}))
+    if len(out) == len(study.experiments):
+        return study
+    names = [e.name for e in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise TaxonError(f"{source}: the checkpoint experiment '{dupes[0]}' has the name of another "
+                         "experiment; rename that one or drop the step from `checkpoints`")
+    return study.model_copy(update={"experiments": tuple(out)})
