@@ -90,6 +90,8 @@ def test_checkpoint_equals_its_stage_trained_alone(mode, tmp_path, data_dir):
     meta = json.loads((tmp_path / "kept" / STAGE_META).read_text())
     assert meta["id"] == ckpt_id and meta["spec"] == ckpt.model_dump(mode="json")
     assert meta["figures"]["step"] == 3 and meta["figures"]["final_loss"] is not None
+    assert 0 < meta["figures"]["tokens"] < json.loads((tmp_path / "run" / STAGE_META).read_text())[
+        "figures"]["tokens"]
     model, _ = load_model(str(tmp_path / "kept"))
     assert model is not None
 

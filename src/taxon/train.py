@@ -80,10 +80,10 @@ class _KeepCheckpoints(TrainerCallback):
 
     def __init__(self, stage: StageSpec, keep: dict[int, tuple[str, str]], meta: dict, tokenizer):
         self.stage, self.keep, self.meta, self.tokenizer = stage, keep, meta, tokenizer
-        self.tokens0 = 0
+        self.tokens0, self.t0 = 0, 0.0
 
     def on_train_begin(self, args, state, control, **kw):
-        self.tokens0 = state.num_input_tokens_seen
+        self.tokens0, self.t0 = state.num_input_tokens_seen, time.time()
 
     def on_log(self, args, state, control, logs=None, model=None, **kw):
         # Called after the step's loss is logged (logging_steps=1); the weights are the step's.
@@ -93,8 +93,11 @@ class _KeepCheckpoints(TrainerCallback):
             return
         sid, folder = self.keep[state.global_step]
         losses = [h["loss"] for h in state.log_history if "loss" in h]
-        # Figures of the steps so far; no train_seconds: the run's own figures count its time.
+        # Figures of the steps so far: what this duration costs within the run (the measured
+        # throughput in study/cost.py skips them; the run's own figures count that time).
+        seconds = time.time() - self.t0
         figures = {"checkpoint_of": self.meta.get("id"), "step": state.global_step,
+                   "train_seconds": seconds, "wall_seconds": seconds,
                    "train_loss": sum(losses) / len(losses) if losses else None,
                    "final_loss": losses[-1] if losses else None,
                    "tokens": int(state.num_input_tokens_seen - self.tokens0),

@@ -159,6 +159,8 @@ def measured_throughput(stages_dir: Path | None = None) -> dict[str, Measured]:
         try:
             meta = json.loads(meta_file.read_text())
             fig = meta["figures"]
+            if fig.get("checkpoint_of"):  # kept by a run whose own figures count these tokens
+                continue
             tokens, seconds = int(fig["tokens"]), float(fig["train_seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a stage without figures says nothing about speed
