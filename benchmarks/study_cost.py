@@ -1,7 +1,8 @@
 """What the stage graph saves on the example studies: training steps if every experiment trained
 its own chain (naive) against the steps of the unique planned stages (with reuse), and how long
-`taxon study plan` takes on each. Target: the 72-experiment seed plan needs <= 60% of the naive
-steps.
+`taxon study plan` takes on each. Targets: the thesis taxonomy needs <= 60% of its naive steps
+(its duration ablation served by checkpoints of one run per model and seed), the 72-experiment
+seed plan <= 45%.
 
     python benchmarks/study_cost.py
 """
@@ -20,7 +21,7 @@ from taxon.study.plan import plan, unique_stages
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 STUDIES = ("seed_qwen2_72", "thesis_taxonomy", "domain_replay")
-TARGET = ("seed_qwen2_72", 0.60)
+TARGETS = {"thesis_taxonomy": 0.60, "seed_qwen2_72": 0.45}
 
 
 def main() -> int:
@@ -45,10 +46,13 @@ def main() -> int:
               f"{f'{cli_s:.1f} s' if r.returncode == 0 else 'FAILED':>9}")
         for line in schedule_rules(unique_stages(experiments)):
             print(f"{'':<18} {line}")
-        if name == TARGET[0]:
-            met = c.ratio <= TARGET[1]
+        kept = sum(1 for e in experiments if e.stages and e.stages[-1].kind == "checkpoint")
+        if kept:
+            print(f"{'':<18} {kept} experiments evaluate checkpoints kept by a longer run")
+        if name in TARGETS:
+            met = c.ratio <= TARGETS[name]
             ok &= met
-            print(f"{'':<18} target <= {TARGET[1]:.0%} of naive steps: {'met' if met else 'MISSED'}")
+            print(f"{'':<18} target <= {TARGETS[name]:.0%} of naive steps: {'met' if met else 'MISSED'}")
     print("stages: unique planned stages / stages over all experiments' chains")
     return 0 if ok else 1
 

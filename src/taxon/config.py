@@ -204,6 +204,63 @@ class StageSpec(Spec):
     # CUDA, padded on CPU, where sdpa attends over the whole packed row (O(total^2)) and measured
     # slower than padding for 135M-parameter models. Pretraining blocks are always full.
     packing: bool | None = Field(None, exclude_if=lambda v: v is None)
+    # Warmup in steps instead of warmup_ratio x steps: a warmup that does not depend on the run's
+    # length, so that with a constant schedule the checkpoints of one run ARE the shorter runs
+    # (study/durations.py). When given, warmup_ratio is unused and kept at its default, so a
+    # leftover ratio cannot split one training into two stage ids.
+    warmup_steps: int | None = Field(None, ge=0, exclude_if=lambda v: v is None)
+    # Steps (each below `steps`) at which this run's weights are also kept as stages of their
+    # own, written while it trains: the checkpoint at k is the stage `steps: k, run_steps: steps`.
+    # Left out of the stage's identity: keeping checkpoints does not change the run's weights.
+    # `checkpoint_every: n` is shorthand for n, 2n, ... below `steps`.
+    checkpoints: tuple[int, ...] = Field((), exclude_if=lambda v: not v)
+    # A checkpoint: the first `steps` steps of a `run_steps`-step run, with that run's data stream
+    # and learning-rate schedule, so it is exactly that run's weights at step `steps`. Trained
+    # alone (a stop at `steps`) it gives the same weights as the checkpoint the run keeps.
+    run_steps: int | None = Field(None, ge=1, exclude_if=lambda v: v is None)
+
+    def canonical(self) -> str:
+        """The identity-bearing spec: everything but `checkpoints` (which only says what else the
+        run writes)."""
+        data = self.model_dump(mode="json")
+        data.pop("checkpoints", None)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoint_spellings(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("warmup_steps") is not None:  # the ratio is unused: one spelling, one id
+            data.pop("warmup_ratio", None)
+        every = data.pop("checkpoint_every", None)
+        if every is not None:
+            if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+                raise ValueError(f"checkpoint_every {every!r} must be a whole number of steps >= 1")
+            steps = data.get("steps", cls.model_fields["steps"].default)
+            data["checkpoints"] = [*(data.get("checkpoints") or ()), *range(every, steps, every)]
+        if data.get("checkpoints"):
+            data["checkpoints"] = sorted(set(data["checkpoints"]))
+        return data
+
+    @model_validator(mode="after")
+    def _checkpoint_fields(self) -> StageSpec:
+        bad = [k for k in self.checkpoints if not 0 < k < self.steps]
+        if bad:
+            raise ValueError(f"checkpoints {bad} must lie between 1 and steps - 1 ({self.steps - 1}); "
+                             "the run's own end is the stage itself")
+        if self.run_steps is not None:
+            if self.run_steps <= self.steps:
+                raise ValueError(f"run_steps {self.run_steps} must exceed steps {self.steps} (a "
+                                 "checkpoint is the first `steps` of a longer run); remove run_steps")
+            if self.checkpoints:
+                raise ValueError("a checkpoint (run_steps) keeps no checkpoints of its own; keep them "
+                                 "on the whole run")
+        if (self.checkpoints or self.run_steps) and (self.watch is not None or self.segment is not None):
+            raise ValueError("checkpoints and run_steps need a run that trains to its end; remove "
+                             "watch (it can stop the run early)")
+        return self
 
     @model_validator(mode="after")
     def _rates_sum_to_one(self) -> StageSpec:

@@ -37,12 +37,29 @@ def decay_steps(stage: StageSpec, steps: int) -> int:
 def warmup_steps(stage: StageSpec, steps: int | None = None) -> int:
     """Warmup length of a `steps`-long run; a wsd warmup never reaches into the cooldown."""
     steps = stage.steps if steps is None else steps
-    warmup = round(stage.warmup_ratio * steps)
+    warmup = min(stage.warmup_steps, steps) if stage.warmup_steps is not None else round(
+        stage.warmup_ratio * steps)
     return min(warmup, steps - decay_steps(stage, steps)) if stage.schedule == "wsd" else warmup
 
 
+def whole_run(stage: StageSpec) -> StageSpec:
+    """The run a checkpoint (`run_steps`) is the beginning of; any other stage is its own run."""
+    if stage.run_steps is None:
+        return stage
+    return StageSpec.model_validate({**stage.model_dump(), "steps": stage.run_steps, "run_steps": None})
+
+
+def checkpoint(stage: StageSpec, step: int) -> StageSpec:
+    """The stage a run keeps at `step`: its first `step` steps, on its stream and schedule."""
+    return StageSpec.model_validate({**stage.model_dump(), "steps": step, "run_steps": stage.steps,
+                                     "checkpoints": ()})
+
+
 def trainer_args(stage: StageSpec) -> dict:
-    """The SFTConfig arguments that set the length, schedule and checkpointing of `stage`."""
+    """The SFTConfig arguments that set the length, schedule and checkpointing of `stage`. A
+    checkpoint gets its whole run's (that run's length sets the schedule); `StopAt` ends it."""
+    if stage.run_steps is not None:
+        return trainer_args(whole_run(stage))
     seg = stage.segment
     if stage.schedule != "wsd":
         return {"max_steps": stage.steps, "lr_scheduler_type": stage.schedule,
@@ -66,7 +83,10 @@ def trainer_args(stage: StageSpec) -> dict:
 
 
 def data_stage(stage: StageSpec) -> StageSpec:
-    """The spec whose mixture a stage trains on: a segment draws from its whole run's stream."""
+    """The spec whose mixture a stage trains on: a segment or a checkpoint draws from its whole
+    run's stream."""
+    if stage.run_steps is not None:
+        return whole_run(stage)
     if stage.segment is None:
         return stage
     return stage.model_copy(update={"steps": stage.segment.stream_steps, "segment": None})
@@ -130,3 +150,15 @@ class ContinueSchedule(TrainerCallback):
         for group, lr in zip(optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         sched._last_lr = lrs
+
+
+class StopAt(TrainerCallback):
+    """Ends a checkpoint's training at its own `steps`, inside a schedule built for its whole
+    run: the weights are then those the whole run has at that step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            control.should_training_stop = True

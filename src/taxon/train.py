@@ -32,12 +32,14 @@ from taxon.watch import Watcher, inherited_base
 class _Progress(TrainerCallback):
     """One bar per stage: steps, loss, and non-padding tokens per second."""
 
-    def __init__(self, desc: str):
-        self.desc, self.bar, self.t0, self.tokens0 = desc, None, 0.0, 0
+    def __init__(self, desc: str, last: int | None = None):
+        # last: where a checkpoint stops inside its whole run's max_steps
+        self.desc, self.last, self.bar, self.t0, self.tokens0 = desc, last, None, 0.0, 0
 
     def on_train_begin(self, args, state, control, **kw):
         # A resumed wsd segment starts at the trunk's step, with the trunk's tokens already counted.
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+        total = min(state.max_steps, self.last or state.max_steps)
+        self.bar = tqdm(total=total, initial=state.global_step, desc=self.desc, unit="step",
                         dynamic_ncols=True)
         self.t0, self.tokens0 = time.time(), state.num_input_tokens_seen
 
@@ -70,6 +72,42 @@ class _StageMeta(TrainerCallback):
             (folder / STAGE_META).write_text(json.dumps(meta, indent=2))
 
 
+class _KeepCheckpoints(TrainerCallback):
+    """Saves the run's weights at the steps of `keep` ({step: (stage id, folder)}) as stages of
+    their own, `schedule.checkpoint(stage, step)`, while the run goes on: each folder is what
+    training that checkpoint alone writes (weights or adapter, tokenizer, metadata), so
+    load_model and the stage cache take it like any stage."""
+
+    def __init__(self, stage: StageSpec, keep: dict[int, tuple[str, str]], meta: dict, tokenizer):
+        self.stage, self.keep, self.meta, self.tokenizer = stage, keep, meta, tokenizer
+        self.tokens0, self.t0 = 0, 0.0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.tokens0, self.t0 = state.num_input_tokens_seen, time.time()
+
+    def on_log(self, args, state, control, logs=None, model=None, **kw):
+        # Called after the step's loss is logged (logging_steps=1); the weights are the step's.
+        if not logs or "loss" not in logs or state.global_step not in self.keep:
+            return
+        if not state.is_world_process_zero:
+            return
+        sid, folder = self.keep[state.global_step]
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        # Figures of the steps so far: what this duration costs within the run (the measured
+        # throughput in study/cost.py skips them; the run's own figures count that time).
+        seconds = time.time() - self.t0
+        figures = {"checkpoint_of": self.meta.get("id"), "step": state.global_step,
+                   "train_seconds": seconds, "wall_seconds": seconds,
+                   "train_loss": sum(losses) / len(losses) if losses else None,
+                   "final_loss": losses[-1] if losses else None,
+                   "tokens": int(state.num_input_tokens_seen - self.tokens0),
+                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   "total_params": sum(p.numel() for p in model.parameters())}
+        spec = schedule.checkpoint(self.stage, state.global_step)
+        meta = {**self.meta, "spec": spec.model_dump(mode="json"), "id": sid, "figures": figures}
+        atomic_save(model, self.tokenizer, Path(folder), meta)
+
+
 def _stash_checkpoints(out: Path, scratch: Path) -> list[Path]:
     """Move the intermediate checkpoints out of `out` while the final model replaces it."""
     kept = []
@@ -95,7 +133,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
                 save_steps: int | None = None, save_total_limit: int | None = None,
                 callbacks: tuple[TrainerCallback, ...] = (),
                 report_to: str | list[str] = "none", run_name: str | None = None,
-                stage_id: str | None = None) -> dict:
+                stage_id: str | None = None, keep: dict[int, tuple[str, str]] | None = None) -> dict:
     """Train `stage` starting from `base` (model name or parent checkpoint); write `out`.
 
     The checkpoint is written to a temporary sibling and renamed into place at the end, so a
@@ -105,7 +143,10 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
     `save_total_limit`), each loadable by load_model. `callbacks`: extra TrainerCallbacks.
     `report_to` mirrors the training log to MLflow or W&B through the Trainer. Under
     `accelerate launch` (DDP) only the main process writes. `stage_id` (taxon.identity) goes into
-    the checkpoint's metadata, so the folder keeps its identity wherever it is copied.
+    the checkpoint's metadata, so the folder keeps its identity wherever it is copied. `keep`
+    ({step: (stage id, folder)}, steps from `stage.checkpoints`): the checkpoints this run writes
+    as stages of their own. A checkpoint stage (`stage.run_steps`) trains its whole run's
+    schedule and stream and stops at its own `steps`.
     """
     from peft import LoraConfig
     from trl import SFTConfig
@@ -184,8 +225,10 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
     trainer = LabelledLossTrainer(
         model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[_Progress(desc), schedule.ContinueSchedule(),
+        callbacks=[_Progress(desc, stage.steps if stage.run_steps else None), schedule.ContinueSchedule(),
                    *([_StageMeta(meta)] if save_steps else []), *([watcher] if watcher else []),
+                   *([schedule.StopAt(stage.steps)] if stage.run_steps else []),
+                   *([_KeepCheckpoints(stage, keep, meta, tokenizer)] if keep else []),
                    *callbacks],
     )
     for cb in (PrinterCallback, ProgressCallback):

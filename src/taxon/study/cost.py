@@ -15,6 +15,7 @@ import yaml
 from taxon.config import ModelConfig
 from taxon.errors import TaxonError
 from taxon.settings import cache_dir
+from taxon.study.durations import length_free
 from taxon.study.grid import model_table
 from taxon.study.plan import PlannedExperiment, PlannedStage, unique_stages
 
@@ -31,6 +32,11 @@ def stage_tokens(stage: PlannedStage) -> int:
     return s.steps * s.batch_size * s.grad_accum * s.max_length
 
 
+def trained_steps(stage: PlannedStage) -> int:
+    """Steps a planned stage trains: none for a checkpoint, which a longer run keeps."""
+    return 0 if stage.kind == "checkpoint" else stage.spec.steps
+
+
 @dataclass
 class Cost:
     experiments: int
@@ -40,6 +46,7 @@ class Cost:
     steps: int  # with reuse: the steps of the unique planned stages
     naive_tokens: Counter = field(default_factory=Counter)  # per model
     tokens: Counter = field(default_factory=Counter)
+    checkpoints: int = 0  # unique stages that are checkpoints kept by a run (no steps of their own)
 
     @property
     def ratio(self) -> float:
@@ -57,8 +64,11 @@ def study_cost(experiments: list[PlannedExperiment]) -> Cost:
             cost.naive_tokens[e.model] += stage_tokens(s)
     for s in unique_stages(experiments):
         cost.unique_stages += 1
-        cost.steps += s.spec.steps
-        cost.tokens[model_of[s.id]] += stage_tokens(s)
+        cost.steps += trained_steps(s)
+        if s.kind == "checkpoint":
+            cost.checkpoints += 1
+        else:
+            cost.tokens[model_of[s.id]] += stage_tokens(s)
     return cost
 
 
@@ -69,7 +79,7 @@ def new_steps(experiments: list[PlannedExperiment]) -> list[int]:
     for e in experiments:
         fresh = [s for s in e.stages if s.id not in seen]
         seen.update(s.id for s in fresh)
-        out.append(sum(s.spec.steps for s in fresh))
+        out.append(sum(trained_steps(s) for s in fresh))
     return out
 
 
@@ -80,20 +90,25 @@ def schedule_rules(stages: list[PlannedStage]) -> list[str]:
         if name == "wsd":
             lines.append(f"schedule wsd ({n} stages): warmup-stable-decay; durations of one run branch "
                          "off the longest run's stable phase and add only their own cooldown")
+        elif any(length_free(s.spec) for s in stages if s.spec.schedule == name):
+            lines.append(f"schedule {name} ({n} stages): the learning rate at a step does not depend "
+                         "on the run's length (warmup in steps); shorter durations of one run are "
+                         "checkpoints of the longest")
         else:
             lines.append(f"schedule {name} ({n} stages): each duration is its own run")
     groups: dict[tuple[str, str], set[int]] = {}
     for s in stages:
-        if s.spec.schedule == "wsd":  # its durations already share a trunk
+        if s.spec.schedule == "wsd" or s.kind == "checkpoint":  # a shared trunk; kept by a run
             continue
-        rest = s.spec.model_dump(mode="json", exclude={"steps"})
+        rest = s.spec.model_dump(mode="json", exclude={"steps", "checkpoints"})
         groups.setdefault((s.parent, json.dumps(rest, sort_keys=True)), set()).add(s.spec.steps)
     multi = [v for v in groups.values() if len(v) > 1]
     if multi:
         saved = sum(sum(v) - max(v) for v in multi)
         lines.append(f"{len(multi)} sets of stages differ only in their step count; each duration is "
                      f"trained in full ({saved:,} steps beyond the longest of each set, which "
-                     "`schedule: wsd` would replace by short cooldowns)")
+                     "`schedule: wsd` would replace by short cooldowns, and `constant_with_warmup` "
+                     "with `warmup_steps` by checkpoints of the longest run)")
     return lines
 
 
@@ -144,6 +159,8 @@ def measured_throughput(stages_dir: Path | None = None) -> dict[str, Measured]:
         try:
             meta = json.loads(meta_file.read_text())
             fig = meta["figures"]
+            if fig.get("checkpoint_of"):  # kept by a run whose own figures count these tokens
+                continue
             tokens, seconds = int(fig["tokens"]), float(fig["train_seconds"])
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a stage without figures says nothing about speed

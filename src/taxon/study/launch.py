@@ -19,7 +19,8 @@ from taxon.errors import TaxonError
 
 
 def launch_stage(launcher: str, spec, base: str, out: str, desc: str,
-                 report_to: tuple[str, ...], run_name: str | None, stage_id: str | None = None) -> dict:
+                 report_to: tuple[str, ...], run_name: str | None, stage_id: str | None = None,
+                 keep: dict[int, tuple[str, str]] | None = None) -> dict:
     """Run `launcher -m taxon.study.launch JOB` and return the figures it wrote."""
     from taxon.models import STAGE_META
 
@@ -27,7 +28,8 @@ def launch_stage(launcher: str, spec, base: str, out: str, desc: str,
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"spec": spec.model_dump(mode="json"), "base": base, "out": out,
                                    "desc": desc, "report_to": list(report_to),
-                                   "run_name": run_name, "stage_id": stage_id}))
+                                   "run_name": run_name, "stage_id": stage_id,
+                                   "keep": {str(k): v for k, v in (keep or {}).items()}}))
         cmd = [*shlex.split(launcher), "-m", "taxon.study.launch", str(job)]
         done = subprocess.run(cmd)
     meta = Path(out) / STAGE_META
@@ -44,7 +46,8 @@ def main(argv: list[str]) -> None:
     job = json.loads(Path(argv[0]).read_text())
     train_stage(StageSpec.model_validate(job["spec"]), job["base"], Path(job["out"]),
                 desc=job["desc"], report_to=job["report_to"] or "none", run_name=job["run_name"],
-                stage_id=job.get("stage_id"))
+                stage_id=job.get("stage_id"),
+                keep={int(k): tuple(v) for k, v in (job.get("keep") or {}).items()})
 
 
 if __name__ == "__main__":

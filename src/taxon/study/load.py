@@ -9,6 +9,7 @@ from pathlib import Path
 
 from taxon.config import StudySpec, load_yaml, parse
 from taxon.errors import TaxonError
+from taxon.study.durations import checkpoint_experiments
 from taxon.study.grid import expand_study
 
 _SEED = re.compile(r"(?:^|,)seed=-?\d+(?=,|$)")
@@ -44,7 +45,8 @@ def load_study(path: str | Path) -> StudySpec:
     """Parse a study file. Top-level `x-` keys only hold YAML anchors. Stages and the evaluation
     take the study's seed unless they set one; `seeds:` repeats every training experiment (and
     every grid block without its own `seed` axis) once per seed, while the evaluation keeps the
-    study's seed, so all seeds are scored on the same test items."""
+    study's seed, so all seeds are scored on the same test items. The checkpoints an
+    experiment's last stage keeps become experiments of their own (`study/durations.py`)."""
     data = {k: v for k, v in load_yaml(path).items() if not str(k).startswith("x-")}
     seeds = data.get("seeds")
     if seeds is not None:
@@ -69,4 +71,5 @@ def load_study(path: str | Path) -> StudySpec:
                 stage.setdefault("seed", seed)
     if isinstance(data.get("eval"), dict):
         data["eval"].setdefault("seed", seed)
-    return parse(StudySpec, data, str(path))  # type: ignore[return-value]
+    study = parse(StudySpec, data, str(path))
+    return checkpoint_experiments(study, str(path))  # type: ignore[arg-type]

@@ -3,7 +3,8 @@
 A stage's identity is the hash of its canonical spec and its parent's identity (the model's
 identity or the parent stage's id, `taxon.identity`), so experiments that begin with the same
 stages share their checkpoints.
-wsd stages that differ only in length share a trunk (`study/wsd.py`); each planned stage's
+wsd stages that differ only in length share a trunk (`study/wsd.py`); with a constant schedule
+the shorter ones are checkpoints of the longest run (`study/durations.py`). Each planned stage's
 `kind` and `note` say which rule made it.
 """
 
@@ -16,7 +17,7 @@ from taxon.config import StageSpec, StudySpec
 from taxon.identity import eval_key, model_identity, stage_id
 from taxon.models import resolve_targets
 from taxon.settings import cache_dir
-from taxon.study import wsd
+from taxon.study import durations
 
 __all__ = ["PlannedExperiment", "PlannedStage", "eval_key", "plan", "stage_id", "unique_stages"]
 
@@ -26,7 +27,8 @@ class PlannedStage:
     id: str
     parent: str  # parent stage id, or the model's identity
     spec: StageSpec  # spec.steps: the steps this stage trains (a wsd segment's own length)
-    kind: str = "run"  # "run": a whole run; "trunk" / "cooldown": a segment of a shared wsd run
+    kind: str = "run"  # "run": a whole run; "trunk" / "cooldown": a segment of a shared wsd run;
+    # "checkpoint": kept by a longer run of the plan while it trains (nothing of its own to train)
     note: str = ""  # e.g. "wsd trunk 0→9000 (shared by 3 of 3 durations)", "own run (cosine)"
 
     @property
@@ -64,10 +66,10 @@ def plan(study: StudySpec) -> list[PlannedExperiment]:
     specs = [[resolve_targets(s, m) for s in exp.stages] for exp, m in zip(study.experiments, models,
                                                                            strict=True)]
     chains: list[list[PlannedStage]] = [[] for _ in study.experiments]
-    # Level by level, since a stage's family (for wsd branching) depends on its parent's id.
+    # Level by level, since a stage's family (wsd branching, checkpoints) depends on its parent's id.
     for level in range(max((len(s) for s in specs), default=0)):
         at = [i for i, s in enumerate(specs) if level < len(s)]
-        expanded = wsd.expand([(parents[i], specs[i][level]) for i in at])
+        expanded = durations.expand([(parents[i], specs[i][level]) for i in at])
         for i, steps in zip(at, expanded, strict=True):
             for step in steps:
                 sid = stage_id(parents[i], step.spec)

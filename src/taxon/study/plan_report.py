@@ -9,8 +9,9 @@ from rich.text import Text
 from rich.tree import Tree
 
 from taxon.config import StageSpec, StudySpec
+from taxon.schedule import whole_run
 from taxon.study import cost
-from taxon.study.plan import PlannedExperiment
+from taxon.study.plan import PlannedExperiment, stage_id
 
 
 def _data_label(spec: StageSpec) -> str:
@@ -30,7 +31,7 @@ def _data_label(spec: StageSpec) -> str:
 def stage_label(stage) -> str:
     s = stage.spec
     tune = f"LoRA r{s.lora.r}/a{s.lora.alpha:g}" if s.lora else "full"
-    note = getattr(stage, "note", "")  # the planner's word on a shared wsd segment, if any
+    note = getattr(stage, "note", "")  # the planner's word on a wsd segment or checkpoint, if any
     return (f"{stage.id[:8]} {s.objective} {s.steps:,} steps, {_data_label(s)}, {tune}, "
             f"lr {s.lr:g}, seed {s.seed}" + (f" [{note}]" if note else ""))
 
@@ -73,6 +74,24 @@ def experiments_table(study: StudySpec, experiments: list[PlannedExperiment]) ->
     for i, (e, new) in enumerate(zip(experiments, fresh, strict=True), 1):
         table.add_row(str(i), recipes[e.name], e.model, str(len(e.stages)),
                       f"{sum(s.spec.steps for s in e.stages):,}", f"{new:,}", e.name)
+    return table
+
+
+def checkpoint_table(experiments: list[PlannedExperiment]) -> Table | None:
+    """The experiments that became checkpoint evaluations: the model they evaluate is a
+    checkpoint a longer run of the plan keeps, so nothing of theirs trains."""
+    rows = [(e.name, e.stages[-1]) for e in experiments
+            if e.stages and e.stages[-1].kind == "checkpoint"]
+    if not rows:
+        return None
+    table = Table("experiment", "checkpoint", "of the run",
+                  title=f"checkpoint evaluations: {len(rows)} of {len(experiments)} experiments "
+                        "evaluate a checkpoint kept by a longer run and train nothing")
+    table.columns[0].overflow = "fold"
+    for name, stage in rows:
+        table.add_row(name, f"{stage.id[:8]} at step {stage.spec.steps:,}",
+                      f"{stage_id(stage.parent, whole_run(stage.spec))[:8]}, "
+                      f"{stage.spec.run_steps:,} steps")
     return table
 
 
@@ -130,14 +149,18 @@ def print_plan(study: StudySpec, experiments: list[PlannedExperiment], console: 
     console.print(f"study [bold]{study.name}[/bold]: {c.experiments} experiments on "
                   f"{len(models)} model(s) ({', '.join(models)}); eval: {', '.join(study.eval.tasks)}")
     console.print(experiments_table(study, experiments))
+    kept = checkpoint_table(experiments)
+    if kept is not None:
+        console.print(kept)
     if tree:
         console.rule("stage graph")
         console.print(stage_tree(experiments))
     console.rule("cost")
     for line in cost.schedule_rules(cost.unique_stages(experiments)):
         console.print(line, highlight=False)
-    console.print(f"stages: {c.unique_stages:,} to train, {c.stage_refs:,} if every experiment trained "
-                  f"its own chain", highlight=False)
+    kept_by_runs = f" ({c.checkpoints:,} of them checkpoints kept by runs)" if c.checkpoints else ""
+    console.print(f"stages: {c.unique_stages:,} to train{kept_by_runs}, {c.stage_refs:,} if every "
+                  f"experiment trained its own chain", highlight=False)
     console.print(f"training steps: [bold]{c.steps:,}[/bold] with reuse, {c.naive_steps:,} naive "
                   f"([bold]{c.ratio:.1%}[/bold] of naive)", highlight=False)
     distinct = len({e.model_key for e in experiments})

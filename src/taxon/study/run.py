@@ -24,12 +24,13 @@ from taxon.config import EvalSpec, ExperimentSpec, StageSpec, StudySpec
 from taxon.evals.tasks import get_task, missing_data, parse_task_list
 from taxon.identity import stage_meta
 from taxon.models import STAGE_META, copy_checkpoint, missing_base
+from taxon.schedule import checkpoint, whole_run
 from taxon.settings import cache_dir
 from taxon.study import tracking, validate
 from taxon.study.environment import environment
 from taxon.study.executors import Sequential
 from taxon.study.locks import FileLock, lock_for
-from taxon.study.plan import PlannedExperiment, PlannedStage, eval_key, unique_stages
+from taxon.study.plan import PlannedExperiment, PlannedStage, eval_key, stage_id, unique_stages
 from taxon.study.store import Store
 from taxon.study.work import evaluate_job, train_job
 
@@ -92,20 +93,26 @@ class StageJob:
             ctx.console.print(f"[yellow]stage {self.stage.id}: removed an incomplete or unloadable "
                               f"checkpoint ({', '.join(p.name for p in removed)}); training it "
                               "again[/yellow]")
+        if self.stage.kind == "checkpoint":
+            ctx.console.print(f"[yellow]stage {self.stage.id} ({self.label}): its run did not keep "
+                              "this checkpoint (trained before it was asked to); training its "
+                              f"{self.stage.spec.steps} steps alone, which gives the same "
+                              "weights[/yellow]")
         ctx.console.print(f"[bold]train stage {self.stage.id}[/bold] ({self.label}): "
                           f"{self.stage.spec.objective}, {self.stage.spec.steps} steps"
                           + (f", {self.stage.note}" if self.stage.kind != "run" else ""))
         return train_job, (self.stage.spec, self.base, str(self.stage.path), self.label,
                            ctx.report_to, f"{self.label} [{self.stage.id}]", ctx.launcher,
                            self.stage.id, ctx.train_options.get("save_steps"),
-                           ctx.train_options.get("save_total_limit"))
+                           ctx.train_options.get("save_total_limit"), kept_checkpoints(self.stage))
 
     def record(self, ctx: _Ctx, figures: dict | None) -> None:
         """`figures` from training just now, or None: the checkpoint was already there."""
         trained = figures is not None
         if not trained:
             figures = json.loads((self.stage.path / STAGE_META).read_text())["figures"]
-            ctx.console.print(f"[dim]reuse stage {self.stage.id} ({self.label})[/dim]")
+            kept = f", kept by run {figures['checkpoint_of']}" if figures.get("checkpoint_of") else ""
+            ctx.console.print(f"[dim]reuse stage {self.stage.id} ({self.label}{kept})[/dim]")
             if ctx.train_options.get("save_steps") and not any(self.stage.path.glob("checkpoint-*")):
                 ctx.console.print(f"[yellow]stage {self.stage.id} was trained earlier without "
                                   "--save_steps: it has no intermediate checkpoints (they are "
@@ -164,6 +171,15 @@ class EvalJob:
                               self.task, result.metrics, resources)
 
 
+def kept_checkpoints(stage: PlannedStage) -> dict[int, tuple[str, str]]:
+    """{step: (stage id, folder)} of the checkpoints `stage` keeps while it trains."""
+    out = {}
+    for step in stage.spec.checkpoints:
+        sid = stage_id(stage.parent, checkpoint(stage.spec, step))
+        out[step] = (sid, str(cache_dir() / "stages" / sid))
+    return out
+
+
 def runnable_tasks(spec: EvalSpec, console: Console | None = None) -> list:
     """The tasks of `spec`. `all` is the suite minus tasks whose data cannot be loaded here (each
     skip is printed); tasks named one by one must all load."""
@@ -204,6 +220,8 @@ def build_jobs(study: StudySpec, experiments: list[PlannedExperiment],
         for j, stage in enumerate(exp.stages, 1):
             job = StageJob(stage, base, f"{exp.name} {j}/{len(exp.stages)}",
                            (f"stage:{stage.parent}",) if j > 1 else ())
+            if stage.kind == "checkpoint":  # after the run that keeps it: then it is there
+                job.deps += (f"stage:{stage_id(stage.parent, whole_run(stage.spec))}",)
             jobs.setdefault(job.key, job)
             base = str(stage.path)
         last = exp.stages[-1].id if exp.stages else None

@@ -16,21 +16,23 @@ _loaded: tuple[str, object, object] | None = None
 
 def train_job(spec: StageSpec, base: str, out: str, desc: str, report_to: tuple[str, ...] = (),
               run_name: str | None = None, launcher: str | None = None, stage_id: str | None = None,
-              save_steps: int | None = None, save_total_limit: int | None = None) -> dict:
+              save_steps: int | None = None, save_total_limit: int | None = None,
+              keep: dict[int, tuple[str, str]] | None = None) -> dict:
     """Train a stage into `out` (written atomically); the training figures. With `launcher`
     (e.g. "accelerate launch --multi_gpu --num_processes 4") the stage runs in that command.
-    `save_steps`: also keep intermediate checkpoints (out/checkpoint-N)."""
+    `save_steps`: also keep intermediate checkpoints (out/checkpoint-N). `keep`: {step: (stage
+    id, folder)}, the checkpoints the run writes as stages of their own."""
     from taxon.study import tracking
     from taxon.train import train_stage
 
     if launcher:
         from taxon.study.launch import launch_stage
 
-        return launch_stage(launcher, spec, base, out, desc, report_to, run_name, stage_id)
+        return launch_stage(launcher, spec, base, out, desc, report_to, run_name, stage_id, keep)
     try:
         return train_stage(spec, base, Path(out), desc=desc, report_to=list(report_to) or "none",
                            run_name=run_name, stage_id=stage_id, save_steps=save_steps,
-                           save_total_limit=save_total_limit)
+                           save_total_limit=save_total_limit, keep=keep)
     finally:
         tracking.close_training_runs(report_to)
 

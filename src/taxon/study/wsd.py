@@ -88,4 +88,6 @@ def expand(items: list[tuple[str, StageSpec]]) -> list[list[Step]]:
 
 
 def _branches(spec: StageSpec) -> bool:
-    return spec.schedule == "wsd" and spec.segment is None and spec.steps > 0
+    # A run that keeps checkpoints (or is one) trains whole: its checkpoints are of that run.
+    return (spec.schedule == "wsd" and spec.segment is None and spec.steps > 0
+            and not spec.checkpoints and spec.run_steps is None)
