@@ -29,9 +29,9 @@ from taxon.study import tracking, validate
 from taxon.study.environment import environment
 from taxon.study.executors import Sequential
 from taxon.study.locks import FileLock, lock_for
-from taxon.study.plan import PlannedExperiment, PlannedStage, eval_key, unique_stages
+from taxon.study.plan import PlannedCompose, PlannedExperiment, PlannedStage, eval_key, unique_stages
 from taxon.study.store import Store
-from taxon.study.work import evaluate_job, train_job
+from taxon.study.work import compose_job, evaluate_job, train_job
 
 POLL_SECONDS = 0.5  # how often a run waiting on another process's lock looks again
 
@@ -113,6 +113,43 @@ class StageJob:
         ctx.figures[self.stage.id] = figures
         ctx.store.add_stage(self.stage.id, self.stage.parent, self.stage.spec.model_dump(mode="json"),
                             str(self.stage.path), figures, run_id=ctx.run_id, trained=trained)
+
+
+@dataclass
+class ComposeJob:
+    """Merge the members' final LoRA adapters (after their stages) into the composite's folder."""
+
+    compose: PlannedCompose
+    label: str
+
+    @property
+    def key(self) -> str:
+        return f"compose:{self.compose.id}"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return tuple(f"stage:{m.id}" for m in self.compose.members)
+
+    def lock(self) -> FileLock:
+        return lock_for("compose", self.compose.id)
+
+    def done(self, ctx: _Ctx) -> bool:
+        return usable(self.compose.path)
+
+    def call(self, ctx: _Ctx) -> tuple:
+        spec = self.compose.spec
+        for path in sorted(self.compose.path.parent.glob(self.compose.path.name + ".tmp*")):
+            shutil.rmtree(path, ignore_errors=True)  # what a killed merge left
+        ctx.console.print(f"[bold]compose {self.compose.id}[/bold] ({self.label}): {spec.method} of "
+                          f"{len(spec.members)} adapters, weights "
+                          f"{', '.join(f'{w:g}' for w in spec.member_weights())}"
+                          + (f", density {spec.density:g}" if spec.density is not None else ""))
+        return compose_job, ([str(m.path) for m in self.compose.members], spec,
+                             str(self.compose.path), self.compose.id)
+
+    def record(self, ctx: _Ctx, meta: dict | None) -> None:
+        if meta is None:
+            ctx.console.print(f"[dim]reuse composite {self.compose.id} ({self.label})[/dim]")
 
 
 @dataclass
@@ -207,6 +244,11 @@ def build_jobs(study: StudySpec, experiments: list[PlannedExperiment],
             jobs.setdefault(job.key, job)
             base = str(stage.path)
         last = exp.stages[-1].id if exp.stages else None
+        after = (f"stage:{last}",) if last else ()
+        if exp.compose is not None:
+            job = ComposeJob(exp.compose, exp.name)
+            jobs.setdefault(job.key, job)
+            after = (job.key,)
         for task in tasks:
             if exp.model_key.startswith("api:") and task.output == "perplexity":
                 if console is not None:  # only `--tasks all` gets here: a named one is refused first
@@ -215,7 +257,7 @@ def build_jobs(study: StudySpec, experiments: list[PlannedExperiment],
                 continue
             job = EvalJob(exp.model_key, exp.location, task.name, eval_key(task, study.eval, exp.model_key),
                           (exp.name,),
-                          last, (f"stage:{last}",) if last else ())
+                          last, after)
             if job.key in jobs:  # another experiment ends in the same model
                 jobs[job.key].experiments += (exp.name,)
             else:
@@ -309,7 +351,7 @@ def run_study(study: StudySpec, store: Store, console: Console | None = None, ex
     def on_done(job) -> None:
         n_done[0] += 1
         console.print(f"[dim]{n_done[0]}/{len(jobs)} jobs done[/dim]")
-        if isinstance(job, StageJob):
+        if not isinstance(job, EvalJob):
             return
         for name in job.experiments:
             evals_left[name].discard(job.key)

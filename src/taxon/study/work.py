@@ -1,5 +1,6 @@
-"""The two kinds of job a study runs, as plain functions an executor can call in this process, in a
-worker process or on a Ray node: train one stage, evaluate one model on one task. They write only
+"""The kinds of job a study runs, as plain functions an executor can call in this process, in a
+worker process or on a Ray node: train one stage, merge adapters into a composite, evaluate one
+model on one task. They write only
 the checkpoint folder; the driver writes the store (it holds the job's lock meanwhile)."""
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def train_job(spec: StageSpec, base: str, out: str, desc: str, report_to: tuple[
                            save_total_limit=save_total_limit)
     finally:
         tracking.close_training_runs(report_to)
+
+
+def compose_job(members: list[str], spec, out: str, composite_id: str) -> dict:
+    """Merge the members' LoRA adapters into the composite folder `out`; its metadata."""
+    from taxon.compose import write_composite
+
+    t0 = time.time()
+    meta = write_composite(members, spec, Path(out), composite_id)
+    return {**meta, "seconds": time.time() - t0}
 
 
 def evaluate_job(location: str, task_name: str, spec: EvalSpec) -> tuple:
