@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.console import Console
 
 from taxon.config import EvalSpec, ExperimentSpec, StageSpec, StudySpec
+from taxon.errors import TaxonError
 from taxon.evals.tasks import get_task, missing_data, parse_task_list
 from taxon.identity import stage_meta
 from taxon.models import STAGE_META, copy_checkpoint, missing_base
@@ -47,6 +48,7 @@ class _Ctx:
     launcher: str | None = None
     figures: dict = field(default_factory=dict)  # stage id -> training figures (for eval rows)
     train_options: dict = field(default_factory=dict)  # save_steps, save_total_limit (main.py)
+    switch_adapters: bool = False  # LoRA adapters evaluated over one loaded base (work.evaluate_job)
 
 
 def usable(folder: Path) -> bool:
@@ -173,7 +175,7 @@ class EvalJob:
         return ctx.store.has_result(self.model_key, self.eval_key)
 
     def call(self, ctx: _Ctx) -> tuple:
-        return evaluate_job, (self.location, self.task, ctx.eval)
+        return evaluate_job, (self.location, self.task, ctx.eval, ctx.switch_adapters)
 
     def record(self, ctx: _Ctx, outcome: tuple | None) -> None:
         if outcome is None:
@@ -312,10 +314,12 @@ def _drive(jobs: dict, ctx: _Ctx, executor, on_done) -> None:
 def run_study(study: StudySpec, store: Store, console: Console | None = None, executor=None,
               report_to: tuple[str, ...] = (), json_dir: Path | None = None,
               launcher: str | None = None, train_options: dict | None = None,
-              experiments: list[PlannedExperiment] | None = None) -> list[PlannedExperiment]:
+              experiments: list[PlannedExperiment] | None = None,
+              switch_adapters: bool = False) -> list[PlannedExperiment]:
     """Validate the whole study (nothing trains if any experiment has a problem), then train and
     evaluate what the store and the stage cache lack. `train_options`: save_steps and
-    save_total_limit for main.py's intermediate checkpoints."""
+    save_total_limit for main.py's intermediate checkpoints. `switch_adapters`: evaluate LoRA
+    adapters over their base loaded once instead of each merged into its own copy."""
     console = console or Console()
     executor = executor or Sequential()
     if experiments is None:
@@ -326,7 +330,7 @@ def run_study(study: StudySpec, store: Store, console: Console | None = None, ex
                   f"({n_stage_refs} without sharing); executor {executor.name}")
     jobs = build_jobs(study, experiments, console)
     ctx = _Ctx(study.name, store, console, uuid.uuid4().hex[:16], study.eval, tuple(report_to),
-               launcher, train_options=dict(train_options or {}))
+               launcher, train_options=dict(train_options or {}), switch_adapters=switch_adapters)
     store.start_run(ctx.run_id, study.name, executor.name, environment())
     store.add_study(study.name, study.model_dump(mode="json"))
     evals_of = {e.name: {k: j.eval_key for k, j in jobs.items()
@@ -367,6 +371,20 @@ def run_study(study: StudySpec, store: Store, console: Console | None = None, ex
             finish(name)
     store.finish_run(ctx.run_id)
     return experiments
+
+
+def run_models(study_name: str, models: list[str], spec: EvalSpec, store: Path,
+               console: Console) -> tuple[list[PlannedExperiment], Store]:
+    """`taxon eval` with several models: one zero-stage experiment each, in one study; LoRA
+    adapters (stage checkpoints, composites) over one base are evaluated over that base loaded
+    once, switching adapters. Returns the experiments and the open store."""
+    if len(set(models)) != len(models):
+        raise TaxonError(f"--model repeats a model ({', '.join(models)}); give each once")
+    study = StudySpec(name=study_name, model=models[0], seed=spec.seed, eval=spec,
+                      experiments=tuple(ExperimentSpec(name=m, model=m) for m in models))
+    planned = validate.checked_plan(study, for_run=True, console=console, single=True)
+    opened = Store(store)
+    return run_study(study, opened, console, experiments=planned, switch_adapters=True), opened
 
 
 def run_single(study_name: str, name: str, model: str, stages: tuple[StageSpec, ...], spec: EvalSpec,
