@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from api_servers import endpoints_file, start
+from api_servers import start
 from cli_runner import run_taxon
 from rich.console import Console
 
-from taxon import endpoints
 from taxon.config import ComposeSpec, DataRef, ExperimentSpec, LoraSpec, StageSpec, StudySpec
 from taxon.errors import TaxonError
 from taxon.evals.evaluate import TaskResult
@@ -190,47 +189,47 @@ def test_eval_switches_adapters_over_one_base(members, tmp_path):
 
 
 @pytest.fixture
-def adapter_server(members, tmp_path, monkeypatch):
+def adapter_server(members, tmp_path):
     from taxon.serve import build_app, load
 
     composite = tmp_path / "composite"
     _write([members["fpb"], members["tfns"]], composite, method="cat")
     served = load([str(members["fpb"]), str(members["tfns"]), str(composite)], ["fpb", "tfns", "both"])
     running = start(build_app(served))
-    monkeypatch.setenv("TAXON_API_CACHE", str(tmp_path / "api-cache.sqlite"))
-    monkeypatch.setenv("TAXON_TEST_KEY", "sk-test-compose")
-    monkeypatch.setattr(endpoints, "_recent", {})
-    entry = {"base_url": running.base_url, "key_env": "TAXON_TEST_KEY", "probe_ttl_s": 0,
-             "choice_method": "loglikelihood-echo", "rpm": 100000, "concurrency": 2}
-    monkeypatch.setenv("TAXON_ENDPOINTS", endpoints_file(tmp_path / "endpoints.yaml", t=entry))
     yield served, running, {"fpb": members["fpb"], "tfns": members["tfns"], "both": composite}
     running.stop()
 
 
-def test_serve_picks_the_adapter_by_model_name(adapter_server, tmp_path):
+PROMPTS = ["Operating profit rose to EUR 13.1 mn from EUR 8.7 mn. Sentiment: positive",
+           "The company said sales fell sharply in the third quarter. Sentiment: negative"]
+
+
+def test_serve_picks_the_adapter_by_model_name(adapter_server):
+    """Each served name's echoed log-likelihood of a continuation equals the local scorer's on that
+    adapter merged into its own model, in any order of requests (the server switches back)."""
     import httpx
+
+    from taxon.evals.scoring import loglikelihoods
 
     served, running, local = adapter_server
     assert served["fpb"].adapters is served["tfns"].adapters is served["both"].adapters  # one base
-    listed = httpx.get(running.base_url + "/v1/models").json()["data"]
+    listed = httpx.get(running.base_url + "/models").json()["data"]
     assert [m["id"] for m in listed] == ["fpb", "tfns", "both"]
-    for name in ("fpb", "tfns", "both", "fpb"):  # back to the first: the switch goes both ways
-        remote = run_taxon("eval", "--model", f"api:t/{name}", "--tasks", "fpb", "--limit", LIMIT,
-                           "--store", tmp_path / f"api-{name}.sqlite")
-        assert remote.returncode == 0, remote.stderr
-        ((_, api),) = _preds(tmp_path / f"api-{name}.sqlite").items()
-        mine = tmp_path / f"local-{name}.sqlite"
-        if not mine.exists():
-            r = run_taxon("eval", "--model", local[name], "--tasks", "fpb", "--limit", LIMIT,
-                          "--store", mine)
-            assert r.returncode == 0, r.stderr
-        ((_, ours),) = _preds(mine).items()
-        diff = max(abs(a - b) for p, q in zip(api, ours, strict=True)
-                   for a, b in zip(p["scores"], q["scores"], strict=True))
-        assert diff < 1e-4, (name, diff)
-    # the adapters answer differently: the server did switch
-    fpb, tfns = (_preds(tmp_path / f"local-{n}.sqlite") for n in ("fpb", "tfns"))
-    assert next(iter(fpb.values()))[0]["scores"] != next(iter(tfns.values()))[0]["scores"]
+    remote: dict[str, list[float]] = {}
+    for name in ("fpb", "tfns", "both", "fpb"):
+        r = httpx.post(running.base_url + "/completions", timeout=60, json={
+            "model": name, "prompt": PROMPTS, "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+        remote[name] = [sum(c["logprobs"]["token_logprobs"][-3:]) for c in r["choices"]]
+        assert r["model"] == name
+    for name, folder in local.items():
+        model, tokenizer = load_model(str(folder), device="cpu")
+        requests = []
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt)["input_ids"]
+            requests.append((ids[:-3], ids[-3:]))
+        ours = loglikelihoods(model, requests, tokenizer.pad_token_id)
+        assert remote[name] == pytest.approx(ours, abs=1e-4), name
+    assert remote["fpb"] != pytest.approx(remote["tfns"], abs=1e-3)  # the adapters differ
 
 
 # --- composites in a study ------------------------------------------------------------------------
@@ -275,7 +274,8 @@ def test_a_study_merges_evaluates_and_reports_retention(tmp_path, data_dir):
     assert sorted(r["task"] for r in results) == ["fpb", "tfns"]
     report = build(store, "tiny-compose")
     kept = report.retention
-    assert list(zip(kept["member"], kept["task"], strict=True)) == [("fpb-lora", "fpb"), ("tfns-lora", "tfns")]
+    pairs = list(zip(kept["member"], kept["task"], strict=True))
+    assert pairs == [("fpb-lora", "fpb"), ("tfns-lora", "tfns")]
     assert set(kept["baseline"]) == {"multitask"}
     for row in kept.itertuples():
         assert row.retention == pytest.approx(row.composite_score / row.member_score)
@@ -335,7 +335,8 @@ def test_bad_composites_stop_the_study_before_training(compose, words, data_dir)
 
 def test_a_composite_with_stages_is_one_line(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(STUDY.replace("compose: {", "stages: [{<<: *sft, data: [{dataset: fpb}]}]\n    compose: {"))
+    stages = "stages: [{<<: *sft, data: [{dataset: fpb}]}]\n    compose: {"
+    path.write_text(STUDY.replace("compose: {", stages))
     r = run_taxon("study", "plan", path)
     assert r.returncode == 2 and "both stages and compose" in r.stderr, r.stderr
 

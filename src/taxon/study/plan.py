@@ -19,7 +19,8 @@ from taxon.models import resolve_targets
 from taxon.settings import cache_dir
 from taxon.study import wsd
 
-__all__ = ["PlannedCompose", "PlannedExperiment", "PlannedStage", "eval_key", "plan", "stage_id", "unique_stages"]
+__all__ = ["PlannedCompose", "PlannedExperiment", "PlannedStage",
+           "eval_key", "plan", "stage_id", "unique_stages"]
 
 
 @dataclass(frozen=True)
