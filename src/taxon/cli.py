@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from taxon.config import EvalSpec, StageSpec, default, parse
+from taxon.config import ComposeSpec, EvalSpec, StageSpec, default, parse
 from taxon.endpoints import ENDPOINTS_ENV
 from taxon.errors import TaxonError, guarded
 from taxon.settings import CARDS_DIR_ENV, DATA_DIR_ENV
@@ -22,6 +22,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Dataset cards and rows.")
 study_app = typer.Typer(no_args_is_help=True, help="Run a study file.")
 app.add_typer(data_app, name="data")
 app.add_typer(study_app, name="study")
+adapters_app = typer.Typer(no_args_is_help=True, help="LoRA adapters: merge them into one.")
+app.add_typer(adapters_app, name="adapters")
 corpus_app = typer.Typer(no_args_is_help=True, help="Build a cleaned domain corpus from text sources.")
 app.add_typer(corpus_app, name="corpus")
 console = Console()
@@ -205,7 +207,9 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Option(help="Alias, Hub id, local folder or checkpoint.")],
+    model: Annotated[list[str], typer.Option(
+        help="Alias, Hub id, local folder or checkpoint; repeat it to evaluate several (LoRA "
+        "adapters over one base are evaluated over that base loaded once, switching adapters).")],
     tasks: Annotated[str, typer.Option(
         help="Comma-separated task names, or 'all': every built-in task (tasks whose data cannot "
         "be loaded are skipped with a line saying why).")] = "fpb",
@@ -229,7 +233,18 @@ def eval_(
     spec = parse(EvalSpec, {"tasks": tasks.split(","), "shots": shots, "limit": limit,
                             "seed": seed, "batch_size": batch_size, "precision": precision,
                             "api_method": api_method}, "command line")
-    _, s = run_single("eval", model, model, (), spec, store, console)  # type: ignore[arg-type]
+    if len(model) == 1:
+        _, s = run_single("eval", model[0], model[0], (), spec, store, console)  # type: ignore[arg-type]
+    else:
+        from taxon.study import work
+        from taxon.study.run import run_models
+
+        before = len(work.loads)
+        _, s = run_models("eval", model, spec, store, console)  # type: ignore[arg-type]
+        loaded = work.loads[before:]
+        console.print(f"{len(model)} models evaluated; {len(loaded)} loaded from disk"
+                      + (f" ({', '.join(loaded)})" if loaded else " (all results were stored)"),
+                      highlight=False, soft_wrap=True)
     console.print(results_table(s, "eval"), highlight=False)
 
 
@@ -254,6 +269,46 @@ def serve(
     if precision not in ("fp32", "bf16"):
         raise TaxonError(f"--precision {precision}: choose fp32 or bf16")
     run_server(models, name, host, port, precision == "bf16", console)
+
+
+COMPOSE_HELP = ("peft weighted-adapter method: linear, cat, svd, ties, ties_svd, dare_linear, "
+                "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd.")
+
+
+@adapters_app.command("merge")
+def adapters_merge(
+    adapters: Annotated[list[Path], typer.Argument(
+        help="LoRA checkpoint folders (stage checkpoints or composites) over one base.",
+        show_default=False)],
+    out: Annotated[Path, typer.Option(help="Folder to write (replaced).")],
+    method: Annotated[str, typer.Option(help=COMPOSE_HELP)] = default(ComposeSpec, "method"),
+    weights: Annotated[str | None, typer.Option(
+        help="Comma-separated weight per adapter (default: 1/n each).")] = None,
+    density: Annotated[float | None, typer.Option(
+        help="Share of each delta kept (ties, dare_*, magnitude_prune*).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of DARE's random masks.")] = default(ComposeSpec, "seed"),
+    svd_rank: Annotated[int | None, typer.Option(help="Rank of the _svd methods' result.")] = None,
+    full: Annotated[bool, typer.Option(help="Write the merged full model (loads without peft) "
+                                       "instead of the composite adapter.")] = False,
+) -> None:
+    """Merge LoRA adapters into one composite adapter (a folder `taxon eval --model` and `taxon
+    serve` load like a LoRA checkpoint), or with --full into a merged full model, in fp32."""
+    from taxon.compose import write_composite
+
+    try:
+        parsed = None if weights is None else [float(w) for w in weights.split(",")]
+    except ValueError as e:
+        raise TaxonError(f"--weights {weights}: give numbers separated by commas, e.g. 0.5,0.5") from e
+    spec = parse(ComposeSpec, {"members": [str(a) for a in adapters], "method": method,
+                               "weights": parsed, "density": density, "seed": seed,
+                               "svd_rank": svd_rank}, "command line")
+    out = out.expanduser().resolve()
+    if out in [a.expanduser().resolve() for a in adapters]:
+        raise TaxonError(f"--out {out} is one of the adapters; write the composite elsewhere")
+    meta = write_composite(list(adapters), spec, out, full=full)  # type: ignore[arg-type]
+    kind = "merged full model" if full else f"composite adapter (r={meta['lora_config']['r']})"
+    console.print(f"wrote {out}: {kind}, {spec.method} of {len(adapters)} adapters, id {meta['id']}",
+                  highlight=False, soft_wrap=True)
 
 
 @study_app.command("plan")

@@ -371,6 +371,51 @@ def model_name(value):
     return value
 
 
+COMPOSE_METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties",
+                   "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+# Methods that prune each adapter's delta to a share `density` of its entries (peft's names).
+PRUNING_METHODS = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+                   "magnitude_prune", "magnitude_prune_svd")
+
+
+class ComposeSpec(Spec):
+    """An experiment whose model is the merge of the final LoRA adapters of other experiments of the
+    study (`members`, by name), with one of peft's weighted-adapter methods, in fp32. `weights`:
+    one per member (default: 1/n each); `density`: the share of each delta kept by the pruning
+    methods (ties, dare_*, magnitude_prune*); `seed`: the DARE methods' random masks; `svd_rank`:
+    the `_svd` methods' rank (default: the members' largest). `baseline`: an experiment (arm) of
+    the study trained on all the members' data at once, whose retention the report shows beside
+    the composite's; it is not part of the composite's identity."""
+
+    members: tuple[str, ...] = Field(min_length=1)
+    method: Literal[COMPOSE_METHODS] = "linear"  # type: ignore[valid-type]
+    weights: tuple[float, ...] | None = None
+    density: float | None = Field(None, gt=0, le=1)
+    seed: int = 0
+    svd_rank: int | None = Field(None, ge=1)
+    baseline: str | None = None
+
+    @model_validator(mode="after")
+    def _fits_method(self) -> ComposeSpec:
+        if len(set(self.members)) != len(self.members):
+            raise ValueError(f"compose.members repeats a member ({', '.join(self.members)}); name each once")
+        if self.weights is not None and len(self.weights) != len(self.members):
+            raise ValueError(f"compose.weights has {len(self.weights)} values for {len(self.members)} "
+                             "members; give one weight per member")
+        if self.method in PRUNING_METHODS and self.density is None:
+            raise ValueError(f"compose method {self.method} needs a density (the share of each "
+                             "adapter's delta kept, e.g. 0.5)")
+        if self.method not in PRUNING_METHODS and self.density is not None:
+            raise ValueError(f"compose method {self.method} does not prune; leave density out or "
+                             f"use one of {', '.join(PRUNING_METHODS)}")
+        if self.svd_rank is not None and not self.method.endswith("svd"):
+            raise ValueError("svd_rank applies to the svd methods only; leave it out")
+        return self
+
+    def member_weights(self) -> tuple[float, ...]:
+        return self.weights if self.weights is not None else (1 / len(self.members),) * len(self.members)
+
+
 class ExperimentSpec(Spec):
     """A chain of stages (empty: the zero-shot baseline) on one model, evaluated on the suite."""
 
@@ -380,6 +425,15 @@ class ExperimentSpec(Spec):
     # Set by a study's `grid:`: the named recipe and the axis values this experiment came from.
     recipe: str | None = Field(None, exclude_if=lambda v: v is None)
     axes: dict[str, str | int | float] | None = Field(None, exclude_if=lambda v: v is None)
+    # The merge of other experiments' final LoRA adapters instead of stages (ComposeSpec).
+    compose: ComposeSpec | None = Field(None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _compose_trains_nothing(self) -> ExperimentSpec:
+        if self.compose is not None and self.stages:
+            raise ValueError(f"experiment '{self.name}' has both stages and compose; a composite "
+                             "trains nothing: move the stages into a member experiment")
+        return self
 
     _model = field_validator("model", mode="before")(classmethod(lambda cls, v: model_name(v)))
 

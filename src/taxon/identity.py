@@ -8,7 +8,8 @@ when the same weights were scored the same way.
   (a random model built from a config), `weights:<digest>` (a foreign local folder, by the bytes of
   its weight files), `api:<endpoint>/<model>@<fingerprint>` (a model behind an OpenAI-compatible
   API: the fingerprint the server reports, or the revision pinned in the name; `taxon.endpoints`).
-  A stage checkpoint is named by its bare stage id, which is also the identity a study gives the
+  A stage checkpoint is named by its bare stage id (a composite of LoRA adapters, by its
+  `compose_id`), which is also the identity a study gives the
   model at the end of that chain, so `main.py --model <checkpoint>` and a study find the same
   results.
 - A stage's id hashes its canonical spec with its parent's identity (a model identity or a parent
@@ -28,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 from taxon import endpoints
-from taxon.config import EvalSpec, ModelConfig, StageSpec, digest
+from taxon.config import ComposeSpec, EvalSpec, ModelConfig, StageSpec, digest
 from taxon.errors import TaxonError
 from taxon.models import STAGE_META, aliases, use_bf16
 from taxon.settings import cache_dir
@@ -44,6 +45,15 @@ def stage_id(parent: str, spec: StageSpec) -> str:
     rebuilt corpus with other text is other data, wherever its folder is."""
     corpora = [corpus_digest(ref.dataset) for ref in (*spec.data, *([spec.replay] if spec.replay else []))]
     return digest(RECIPE_VERSION, parent, spec.canonical(), *[c for c in corpora if c])
+
+
+def compose_id(member_ids: list[str], spec: ComposeSpec) -> str:
+    """A composite adapter: its members' identities (their last stages' ids), in order, and the
+    merge: method, weights (the default resolved), density, seed and svd rank. The baseline named
+    for the report is not part of it."""
+    merge = {"method": spec.method, "weights": list(spec.member_weights()), "density": spec.density,
+             "seed": spec.seed, "svd_rank": spec.svd_rank}
+    return digest(RECIPE_VERSION, "compose", *member_ids, json.dumps(merge, sort_keys=True))
 
 
 def corpus_digest(dataset: str) -> str | None:

@@ -15,6 +15,8 @@ plain forward pass, in fp32 unless `--precision bf16`: they equal the local scor
 nats (tests/test_api.py). Each request's model work runs in a worker thread under that model's
 lock, off the event loop, so the server keeps answering (and queueing) while a model computes.
 Several models may be served at once, each under its own name; a request names the one it wants.
+LoRA adapters over one base (stage checkpoints, composites) share that base, loaded once: each
+request activates its model's adapter under the base's lock (`taxon.adapter_set`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from taxon.adapter_set import AdapterSet, adapter_base, same_base
 from taxon.errors import TaxonError
 from taxon.evals.generation import _eos_ids, _StopStrings, cut_at_stop
 from taxon.identity import model_identity
@@ -45,25 +48,51 @@ class Served:
     identity: str
     bf16: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # shared by adapters of one base
+    adapters: AdapterSet | None = None  # several adapters over one base: the set this one is in
+    location: str | None = None  # the adapter's checkpoint, activated before each request's work
+
+    def activate(self) -> None:
+        """Make this model's adapter the active one (call under `lock`)."""
+        if self.adapters is not None:
+            self.adapters.use(self.location)  # type: ignore[arg-type]
 
 
 def load(names: list[str], served_names: list[str] | None = None, bf16: bool = False) -> dict[str, Served]:
-    """Load each model (LoRA checkpoints merged onto their base), named by `served_names` or by
-    what was typed."""
+    """Load each model, named by `served_names` or by what was typed. LoRA adapters (stage
+    checkpoints, composites) that share a base are served over that base loaded once, the
+    request's model choosing the adapter; a LoRA checkpoint alone on its base is merged."""
     served_names = served_names or []
     if len(served_names) > len(names):
         raise TaxonError("more --name values than models; give one --name per model (or none)")
-    out: dict[str, Served] = {}
-    for i, name in enumerate(names):
+    publics = [served_names[i] if i < len(served_names) else name for i, name in enumerate(names)]
+    for name, public in zip(names, publics, strict=True):
         if name.startswith("api:"):
             raise TaxonError(f"'{name}' is a model behind an API; serve a local model, folder or checkpoint")
-        public = served_names[i] if i < len(served_names) else name
-        if public in out:
+        if publics.count(public) > 1:
             raise TaxonError(f"two models served as '{public}'; give each its own --name")
-        identity = model_identity(name)  # an unknown model fails here, before loading
+    identities = [model_identity(name) for name in names]  # an unknown model fails here, before loading
+    bases = {name: base for name in names if (base := adapter_base(name)) is not None}
+    shared = {name for name in bases
+              if sum(same_base(bases[name], other) for other in bases.values()) > 1}
+    sets: list[tuple[AdapterSet, threading.Lock]] = []
+    out: dict[str, Served] = {}
+    for name, public, identity in zip(names, publics, identities, strict=True):
+        if name in shared:
+            held = next((h for h in sets if h[0].fits(name)), None)
+            if held is None:
+                held = (AdapterSet(bases[name]), threading.Lock())
+                sets.append(held)
+            adapters, lock = held
+            adapters.add(name)
+            out[public] = Served(public, adapters.model, adapters.tokenizer, identity, bf16,
+                                 lock=lock, adapters=adapters, location=name)
+            continue
         model, tokenizer = load_model(name)
         out[public] = Served(public, model, tokenizer, identity, bf16)
+    for s in out.values():  # the PeftModel wraps the base once its first adapter is added
+        if s.adapters is not None:
+            s.model = s.adapters.model
     return out
 
 
@@ -261,6 +290,7 @@ def build_app(served: dict[str, Served]):
     async def run(s: Served, fn, *args):
         def locked():
             with s.lock:
+                s.activate()
                 return fn(s, *args)
         return await run_in_threadpool(locked)
 

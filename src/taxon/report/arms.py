@@ -47,7 +47,13 @@ class Arm:
 
     @property
     def trains(self) -> bool:
-        return bool(self.spec.get("stages"))
+        """Whether the arm's model differs from its base: stages, or a composite of adapters (a
+        composite is no zero-shot baseline)."""
+        return bool(self.spec.get("stages")) or bool(self.spec.get("compose"))
+
+    @property
+    def compose(self) -> dict | None:
+        return self.spec.get("compose")
 
 
 def _seed(exp: dict) -> int | None:

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from taxon.config import QuestionSpec
 from taxon.evals import references
-from taxon.report import forgetting, plots
+from taxon.report import forgetting, plots, retention
 from taxon.report.arms import N_RESAMPLES, Scores
 from taxon.report.compute import Compute, arm_compute, assumptions
 from taxon.report.questions import Answer, answer_all, baseline_for, reference
@@ -42,6 +42,7 @@ class Report:
     references: list[str] = field(default_factory=list)
     large_models: pd.DataFrame = field(default_factory=pd.DataFrame)
     decision: pd.DataFrame = field(default_factory=pd.DataFrame)  # watched stages (forgetting)
+    retention: pd.DataFrame = field(default_factory=pd.DataFrame)  # composite adapters
 
 
 def _large_models(scores: Scores, tasks: list[str]) -> pd.DataFrame:
@@ -205,6 +206,9 @@ def build(store: Store, study: str | None, questions: list[QuestionSpec] | tuple
                 plots.cd_diagram(info["ranks"], info["cd"], f"{a.id}: {label}"),
             )
     notes = [METHOD, assumptions()]
+    kept = retention.retention_table(scores, tasks)  # composites of adapters, if the study has any
+    if not kept.empty:
+        notes.append(retention.method_note(scores))
     return Report(
         study,
         summary,
@@ -217,6 +221,7 @@ def build(store: Store, study: str | None, questions: list[QuestionSpec] | tuple
         cited,
         _large_models(scores, tasks),
         decision,
+        kept,
     )
 
 

@@ -312,6 +312,47 @@ def two_level_bootstrap(per_seed: Sequence, n_items: int, n_resamples: int = 100
     return float(low), float(high)
 
 
+def _paired_draws(a: Sequence, b: Sequence, n_items: int, n_resamples: int, seed: int):
+    """((mean_a, mean_b) on every item, (resampled mean_a, resampled mean_b) arrays): seeds paired
+    by position (an arm with one seed pairs with every seed of the other) drawn with
+    replacement, then items drawn with replacement jointly for both arms."""
+    k = max(len(a), len(b))
+    if min(len(a), len(b)) not in (1, k):
+        raise ValueError(f"arms need equal seed counts (or one seed), got {len(a)} and {len(b)}")
+    pick_a = (lambda s: a[s]) if len(a) == k else (lambda s: a[0])
+    pick_b = (lambda s: b[s]) if len(b) == k else (lambda s: b[0])
+    every = np.arange(n_items)
+    means = (float(np.mean([pick_a(s)(every) for s in range(k)])),
+             float(np.mean([pick_b(s)(every) for s in range(k)])))
+    rng = np.random.default_rng(seed)
+    draws_a, draws_b = np.empty(n_resamples), np.empty(n_resamples)
+    for r in range(n_resamples):
+        drawn = rng.integers(0, k, k) if k > 1 else np.zeros(1, dtype=int)
+        total_a = total_b = 0.0
+        for s in drawn:
+            idx = rng.integers(0, n_items, n_items)
+            total_a += pick_a(s)(idx)
+            total_b += pick_b(s)(idx)
+        draws_a[r], draws_b[r] = total_a / len(drawn), total_b / len(drawn)
+    return means, (draws_a, draws_b)
+
+
+def paired_ratio_bootstrap(a: Sequence, b: Sequence, n_items: int, n_resamples: int = 1000,
+                           seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """mean_s metric(a_s) / mean_s metric(b_s) over the same test items, with its percentile
+    interval from the paired two-level resampling of `paired_two_level_bootstrap` (e.g. a
+    composite adapter's score as a share of a member's own). Resamples where b's mean is 0 are
+    left out; the ratio is nan when b's mean is 0 on every item."""
+    (mean_a, mean_b), (draws_a, draws_b) = _paired_draws(a, b, n_items, n_resamples, seed)
+    ratio = mean_a / mean_b if mean_b else float("nan")
+    keep = draws_b != 0
+    if not keep.any():
+        return ratio, float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(draws_a[keep] / draws_b[keep], [tail, 100 - tail])
+    return ratio, float(low), float(high)
+
+
 def paired_two_level_bootstrap(a: Sequence, b: Sequence, n_items: int, n_resamples: int = 1000,
                                seed: int = 0, metric: str = "metric") -> Comparison:
     """Difference mean_s metric(a_s) - mean_s metric(b_s) over the same test items, resampling
@@ -320,23 +361,11 @@ def paired_two_level_bootstrap(a: Sequence, b: Sequence, n_items: int, n_resampl
 
     With one seed on each side this is `paired_bootstrap` over items; with several it also carries
     the seed-to-seed spread, which a bootstrap over pooled seed x item rows would hide."""
-    k = max(len(a), len(b))
-    if min(len(a), len(b)) not in (1, k):
-        raise ValueError(f"arms need equal seed counts (or one seed), got {len(a)} and {len(b)}")
-    pick_a = (lambda s: a[s]) if len(a) == k else (lambda s: a[0])
-    pick_b = (lambda s: b[s]) if len(b) == k else (lambda s: b[0])
-    every = np.arange(n_items)
-    effect = float(np.mean([pick_a(s)(every) - pick_b(s)(every) for s in range(k)]))
-    rng = np.random.default_rng(seed)
-    diffs = np.empty(n_resamples)
-    for r in range(n_resamples):
-        drawn = rng.integers(0, k, k) if k > 1 else np.zeros(1, dtype=int)
-        total = 0.0
-        for s in drawn:
-            idx = rng.integers(0, n_items, n_items)
-            total += pick_a(s)(idx) - pick_b(s)(idx)
-        diffs[r] = total / len(drawn)
+    (mean_a, mean_b), (draws_a, draws_b) = _paired_draws(a, b, n_items, n_resamples, seed)
+    effect = mean_a - mean_b
+    diffs = draws_a - draws_b
     low, high, p = _interval_and_p(effect, diffs)
+    k = max(len(a), len(b))
     levels = f"{k} seeds, then {n_items} items" if k > 1 else f"{n_items} items"
     note = (f"paired bootstrap of {metric} ({levels}), {n_resamples} resamples (seed {seed}), metric "
             f"recomputed on each resample; effect = a - b with its percentile 95% interval; p = 2 x "

@@ -20,6 +20,7 @@ import pandas as pd
 
 from taxon import __version__
 from taxon.report.build import Report, to_json
+from taxon.report.retention import retention_view
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -157,6 +158,9 @@ def markdown(report: Report, figure_dir: str = "figures") -> str:
     if not report.decision.empty:
         sections.insert(0, ("Decision table: watched stages against the base",
                             decision_view(report.decision), ""))
+    if not report.retention.empty:
+        sections.insert(0, ("Retention: composite adapters against their members",
+                            retention_view(report.retention), ""))
     for title, view, empty in sections:
         lines += [f"## {title}", "", _md(view, empty), ""]
     lines += ["## Figures", ""]
@@ -207,6 +211,9 @@ def write(report: Report, out: Path, store_path: Path, provenance: str = "") -> 
             embedded[key] = {"caption": caption, "png": base64.b64encode(png).decode()}
         if not report.decision.empty:
             decision_view(report.decision).to_csv(tmp / "tables" / "decision.csv", index=False)
+        if not report.retention.empty:
+            report.retention.to_csv(tmp / "tables" / "retention.csv", index=False)
+            (tmp / "tables" / "retention.md").write_text(_md(retention_view(report.retention), ""))
         if not report.large_models.empty:
             report.large_models.to_csv(tmp / "tables" / "large_models.csv", index=False)
         tables = {
@@ -240,6 +247,9 @@ def write(report: Report, out: Path, store_path: Path, provenance: str = "") -> 
             large_models=report.large_models.to_dict("records"),
             decision=decision_view(report.decision).to_html(index=False, border=0)
             if not report.decision.empty
+            else "",
+            retention=retention_view(report.retention).to_html(index=False, border=0)
+            if not report.retention.empty
             else "",
         )
         (tmp / "report.html").write_text(html)

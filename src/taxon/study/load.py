@@ -28,9 +28,22 @@ def arm_of(name: str) -> str:
 def _replicate(experiments: list, seeds: list) -> list:
     """`seeds: [0, 1, 2]`: each listed experiment that trains becomes one experiment per seed,
     `name[seed=s]`, its stages seeded with s. The report groups them back into one arm. An
-    experiment without stages (zero-shot) is deterministic and stays one."""
+    experiment without stages (zero-shot) is deterministic and stays one; a composite of
+    replicated members becomes one per seed, merging that seed's members (with that seed)."""
     out = []
+    replicated = {e.get("name") for e in experiments
+                  if isinstance(e, dict) and e.get("stages") and "axes" not in e}
     for exp in experiments:
+        compose = exp.get("compose") if isinstance(exp, dict) else None
+        if isinstance(compose, dict) and isinstance(compose.get("members"), list) and "axes" not in exp:
+            # a composite of replicated members: one per seed, merging the members of that seed
+            if any(m in replicated for m in compose["members"]):
+                for s in seeds:
+                    members = [f"{m}[seed={s}]" if m in replicated else m for m in compose["members"]]
+                    out.append({**exp, "name": f"{exp.get('name')}[seed={s}]",
+                                "compose": {"seed": s, **compose, "members": members},
+                                "axes": {**(exp.get("axes") or {}), "seed": s}})
+                continue
         if not isinstance(exp, dict) or not exp.get("stages") or "axes" in exp:
             out.append(exp)
             continue
@@ -69,6 +82,8 @@ def load_study(path: str | Path) -> StudySpec:
         for stage in (exp.get("stages") or []) if isinstance(exp, dict) else []:
             if isinstance(stage, dict):
                 stage.setdefault("seed", seed)
+        if isinstance(exp, dict) and isinstance(exp.get("compose"), dict):
+            exp["compose"].setdefault("seed", seed)  # DARE's masks, like a stage's randomness
     if isinstance(data.get("eval"), dict):
         data["eval"].setdefault("seed", seed)
     study = parse(StudySpec, data, str(path))

@@ -10,16 +10,18 @@ the shorter ones are checkpoints of the longest run (`study/durations.py`). Each
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from taxon.config import StageSpec, StudySpec
-from taxon.identity import eval_key, model_identity, stage_id
+from taxon.config import ComposeSpec, StageSpec, StudySpec
+from taxon.identity import compose_id, eval_key, model_identity, stage_id
 from taxon.models import resolve_targets
 from taxon.settings import cache_dir
 from taxon.study import durations
 
-__all__ = ["PlannedExperiment", "PlannedStage", "eval_key", "plan", "stage_id", "unique_stages"]
+__all__ = ["PlannedCompose", "PlannedExperiment", "PlannedStage",
+           "eval_key", "plan", "stage_id", "unique_stages"]
 
 
 @dataclass(frozen=True)
@@ -37,21 +39,40 @@ class PlannedStage:
 
 
 @dataclass(frozen=True)
+class PlannedCompose:
+    """A composite: the merge of the members' last (LoRA) stages, content-addressed by their ids
+    and the merge settings (identity.compose_id)."""
+
+    id: str
+    spec: ComposeSpec
+    members: tuple[PlannedStage, ...]  # each member experiment's last stage, in spec order
+
+    @property
+    def path(self) -> Path:
+        return cache_dir() / "composites" / self.id
+
+
+@dataclass(frozen=True)
 class PlannedExperiment:
     name: str
     model: str
     stages: tuple[PlannedStage, ...]
     root: str  # identity of `model` (taxon.identity.model_identity)
+    compose: PlannedCompose | None = None
 
     @property
     def model_key(self) -> str:
         """Identity of the model that gets evaluated."""
+        if self.compose is not None:
+            return self.compose.id
         return self.stages[-1].id if self.stages else self.root
 
     @property
     def location(self) -> str:
         """What `load_model` takes to load it; for a model behind an API, its identity (the name
         with the fingerprint pinned, so evaluating asks the server nothing more about it)."""
+        if self.compose is not None:
+            return str(self.compose.path)
         if not self.stages and self.root.startswith("api:"):
             return self.root
         return str(self.stages[-1].path) if self.stages else self.model
@@ -75,8 +96,15 @@ def plan(study: StudySpec) -> list[PlannedExperiment]:
                 sid = stage_id(parents[i], step.spec)
                 chains[i].append(PlannedStage(sid, parents[i], step.spec, step.kind, step.note))
                 parents[i] = sid
-    return [PlannedExperiment(exp.name, model, tuple(stages), root)
-            for exp, model, stages, root in zip(study.experiments, models, chains, roots, strict=True)]
+    out = [PlannedExperiment(exp.name, model, tuple(stages), root)
+           for exp, model, stages, root in zip(study.experiments, models, chains, roots, strict=True)]
+    by_name = {e.name: e for e in out}
+    for i, exp in enumerate(study.experiments):  # composites, once their members' stages are named
+        if exp.compose is not None:
+            members = tuple(by_name[m].stages[-1] for m in exp.compose.members)
+            cid = compose_id([m.id for m in members], exp.compose)
+            out[i] = dataclasses.replace(out[i], compose=PlannedCompose(cid, exp.compose, members))
+    return out
 
 
 def unique_stages(experiments: list[PlannedExperiment]) -> list[PlannedStage]:

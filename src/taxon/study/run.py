@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.console import Console
 
 from taxon.config import EvalSpec, ExperimentSpec, StageSpec, StudySpec
+from taxon.errors import TaxonError
 from taxon.evals.tasks import get_task, missing_data, parse_task_list
 from taxon.identity import stage_meta
 from taxon.models import STAGE_META, copy_checkpoint, missing_base
@@ -30,9 +31,10 @@ from taxon.study import tracking, validate
 from taxon.study.environment import environment
 from taxon.study.executors import Sequential
 from taxon.study.locks import FileLock, lock_for
-from taxon.study.plan import PlannedExperiment, PlannedStage, eval_key, stage_id, unique_stages
+from taxon.study.plan import (PlannedCompose, PlannedExperiment, PlannedStage, eval_key, stage_id,
+                              unique_stages)
 from taxon.study.store import Store
-from taxon.study.work import evaluate_job, train_job
+from taxon.study.work import compose_job, evaluate_job, train_job
 
 POLL_SECONDS = 0.5  # how often a run waiting on another process's lock looks again
 
@@ -48,6 +50,7 @@ class _Ctx:
     launcher: str | None = None
     figures: dict = field(default_factory=dict)  # stage id -> training figures (for eval rows)
     train_options: dict = field(default_factory=dict)  # save_steps, save_total_limit (main.py)
+    switch_adapters: bool = False  # LoRA adapters evaluated over one loaded base (work.evaluate_job)
 
 
 def usable(folder: Path) -> bool:
@@ -123,6 +126,43 @@ class StageJob:
 
 
 @dataclass
+class ComposeJob:
+    """Merge the members' final LoRA adapters (after their stages) into the composite's folder."""
+
+    compose: PlannedCompose
+    label: str
+
+    @property
+    def key(self) -> str:
+        return f"compose:{self.compose.id}"
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return tuple(f"stage:{m.id}" for m in self.compose.members)
+
+    def lock(self) -> FileLock:
+        return lock_for("compose", self.compose.id)
+
+    def done(self, ctx: _Ctx) -> bool:
+        return usable(self.compose.path)
+
+    def call(self, ctx: _Ctx) -> tuple:
+        spec = self.compose.spec
+        for path in sorted(self.compose.path.parent.glob(self.compose.path.name + ".tmp*")):
+            shutil.rmtree(path, ignore_errors=True)  # what a killed merge left
+        ctx.console.print(f"[bold]compose {self.compose.id}[/bold] ({self.label}): {spec.method} of "
+                          f"{len(spec.members)} adapters, weights "
+                          f"{', '.join(f'{w:g}' for w in spec.member_weights())}"
+                          + (f", density {spec.density:g}" if spec.density is not None else ""))
+        return compose_job, ([str(m.path) for m in self.compose.members], spec,
+                             str(self.compose.path), self.compose.id)
+
+    def record(self, ctx: _Ctx, meta: dict | None) -> None:
+        if meta is None:
+            ctx.console.print(f"[dim]reuse composite {self.compose.id} ({self.label})[/dim]")
+
+
+@dataclass
 class EvalJob:
     model_key: str
     location: str
@@ -143,7 +183,7 @@ class EvalJob:
         return ctx.store.has_result(self.model_key, self.eval_key)
 
     def call(self, ctx: _Ctx) -> tuple:
-        return evaluate_job, (self.location, self.task, ctx.eval)
+        return evaluate_job, (self.location, self.task, ctx.eval, ctx.switch_adapters)
 
     def record(self, ctx: _Ctx, outcome: tuple | None) -> None:
         if outcome is None:
@@ -225,6 +265,11 @@ def build_jobs(study: StudySpec, experiments: list[PlannedExperiment],
             jobs.setdefault(job.key, job)
             base = str(stage.path)
         last = exp.stages[-1].id if exp.stages else None
+        after = (f"stage:{last}",) if last else ()
+        if exp.compose is not None:
+            job = ComposeJob(exp.compose, exp.name)
+            jobs.setdefault(job.key, job)
+            after = (job.key,)
         for task in tasks:
             if exp.model_key.startswith("api:") and task.output == "perplexity":
                 if console is not None:  # only `--tasks all` gets here: a named one is refused first
@@ -233,7 +278,7 @@ def build_jobs(study: StudySpec, experiments: list[PlannedExperiment],
                 continue
             job = EvalJob(exp.model_key, exp.location, task.name, eval_key(task, study.eval, exp.model_key),
                           (exp.name,),
-                          last, (f"stage:{last}",) if last else ())
+                          last, after)
             if job.key in jobs:  # another experiment ends in the same model
                 jobs[job.key].experiments += (exp.name,)
             else:
@@ -288,10 +333,12 @@ def _drive(jobs: dict, ctx: _Ctx, executor, on_done) -> None:
 def run_study(study: StudySpec, store: Store, console: Console | None = None, executor=None,
               report_to: tuple[str, ...] = (), json_dir: Path | None = None,
               launcher: str | None = None, train_options: dict | None = None,
-              experiments: list[PlannedExperiment] | None = None) -> list[PlannedExperiment]:
+              experiments: list[PlannedExperiment] | None = None,
+              switch_adapters: bool = False) -> list[PlannedExperiment]:
     """Validate the whole study (nothing trains if any experiment has a problem), then train and
     evaluate what the store and the stage cache lack. `train_options`: save_steps and
-    save_total_limit for main.py's intermediate checkpoints."""
+    save_total_limit for main.py's intermediate checkpoints. `switch_adapters`: evaluate LoRA
+    adapters over their base loaded once instead of each merged into its own copy."""
     console = console or Console()
     executor = executor or Sequential()
     if experiments is None:
@@ -302,7 +349,7 @@ def run_study(study: StudySpec, store: Store, console: Console | None = None, ex
                   f"({n_stage_refs} without sharing); executor {executor.name}")
     jobs = build_jobs(study, experiments, console)
     ctx = _Ctx(study.name, store, console, uuid.uuid4().hex[:16], study.eval, tuple(report_to),
-               launcher, train_options=dict(train_options or {}))
+               launcher, train_options=dict(train_options or {}), switch_adapters=switch_adapters)
     store.start_run(ctx.run_id, study.name, executor.name, environment())
     store.add_study(study.name, study.model_dump(mode="json"))
     evals_of = {e.name: {k: j.eval_key for k, j in jobs.items()
@@ -327,7 +374,7 @@ def run_study(study: StudySpec, store: Store, console: Console | None = None, ex
     def on_done(job) -> None:
         n_done[0] += 1
         console.print(f"[dim]{n_done[0]}/{len(jobs)} jobs done[/dim]")
-        if isinstance(job, StageJob):
+        if not isinstance(job, EvalJob):
             return
         for name in job.experiments:
             evals_left[name].discard(job.key)
@@ -343,6 +390,20 @@ def run_study(study: StudySpec, store: Store, console: Console | None = None, ex
             finish(name)
     store.finish_run(ctx.run_id)
     return experiments
+
+
+def run_models(study_name: str, models: list[str], spec: EvalSpec, store: Path,
+               console: Console) -> tuple[list[PlannedExperiment], Store]:
+    """`taxon eval` with several models: one zero-stage experiment each, in one study; LoRA
+    adapters (stage checkpoints, composites) over one base are evaluated over that base loaded
+    once, switching adapters. Returns the experiments and the open store."""
+    if len(set(models)) != len(models):
+        raise TaxonError(f"--model repeats a model ({', '.join(models)}); give each once")
+    study = StudySpec(name=study_name, model=models[0], seed=spec.seed, eval=spec,
+                      experiments=tuple(ExperimentSpec(name=m, model=m) for m in models))
+    planned = validate.checked_plan(study, for_run=True, console=console, single=True)
+    opened = Store(store)
+    return run_study(study, opened, console, experiments=planned, switch_adapters=True), opened
 
 
 def run_single(study_name: str, name: str, model: str, stages: tuple[StageSpec, ...], spec: EvalSpec,

@@ -106,6 +106,10 @@ def _collect(study: StudySpec, for_run: bool) -> tuple[dict[str, list[str]], dic
             if stage.watch is not None:  # watch tasks resolve and are perplexity tasks
                 check(f"experiment '{exp.name}' stage {j}",
                       lambda stage=stage: (watch.check(stage.watch) or None, None))
+    for exp in study.experiments:
+        if exp.compose is not None:
+            check(f"experiment '{exp.name}'",
+                  lambda exp=exp: (_compose_problem(study, exp, known), None))
     for name in study.eval.tasks if list(study.eval.tasks) != ["all"] else ():
         check("eval", lambda name=name: (None, _task_unavailable(name)))
     arms = list(dict.fromkeys(arm_of(e.name) for e in study.experiments))
@@ -126,6 +130,55 @@ def _collect(study: StudySpec, for_run: bool) -> tuple[dict[str, list[str]], dic
                 check(f"model '{model}'",
                       lambda name=name, model=model: _api_problem(model, name, study.eval))
     return errors, notes
+
+
+def _adapter_base(model: str, stages) -> tuple:
+    """What a chain's final LoRA adapter applies to: the model and the stages before the stage
+    that created the adapter (a run of `adapter: continue` stages keeps training one adapter)."""
+    j = len(stages) - 1
+    while j > 0 and stages[j].adapter == "continue":
+        j -= 1
+    return model, tuple(s.canonical() for s in stages[:j])
+
+
+def _compose_problem(study: StudySpec, exp, known: set[str]) -> str | None:
+    """A composite's members: experiments of the study that end in a LoRA stage, over one base,
+    with LoRA settings the method can merge; its baseline an arm of the study."""
+    from taxon.compose import SAME_RANK
+
+    spec = exp.compose
+    by_name = {e.name: e for e in study.experiments}
+    for m in spec.members:
+        member = by_name.get(m)
+        if member is None:
+            return (f"compose member '{m}' is not an experiment of the study (experiments: "
+                    f"{', '.join(by_name)}); name an experiment that trains a LoRA adapter")
+        if member.compose is not None:
+            return f"compose member '{m}' is itself a composite; name the experiments it merges instead"
+        if not member.stages or member.stages[-1].lora is None:
+            last = "trains nothing" if not member.stages else "ends in full fine-tuning (lora: null)"
+            return (f"compose member '{m}' {last}; a member's last stage must train a LoRA adapter")
+    members = [by_name[m] for m in spec.members]
+    models = [m.model or study.model for m in members]
+    bases = {_adapter_base(model, m.stages) for model, m in zip(models, members, strict=True)}
+    if len(bases) > 1:
+        return (f"compose members {', '.join(spec.members)} are adapters over different bases "
+                f"(models {', '.join(dict.fromkeys(models))}, or different stages before the "
+                "adapter); compose adapters trained from the same model and parent stages")
+    if all(model in known for model in models):
+        loras = [resolve_targets(m.stages[-1], model).lora for model, m in zip(models, members, strict=True)]
+        if len({tuple(sorted(lora.target_modules)) for lora in loras}) > 1:
+            return (f"compose members {', '.join(spec.members)} adapt different modules; train them "
+                    "with the same lora.target_modules")
+        if spec.method in SAME_RANK and len({lora.r for lora in loras}) > 1:
+            return (f"compose method {spec.method} needs members of one LoRA rank, got r="
+                    f"{', '.join(str(lora.r) for lora in loras)}; use method cat or svd, or train "
+                    "the members with one r")
+    arms = {arm_of(e.name) for e in study.experiments} | set(by_name)
+    if spec.baseline is not None and spec.baseline not in arms:
+        return (f"compose baseline '{spec.baseline}' is not an experiment of the study; name the "
+                "multi-task experiment trained on all the members' data")
+    return None
 
 
 def _api_problem(model: str, task_name: str, spec) -> tuple[str | None, None]:
