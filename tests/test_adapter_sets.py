@@ -124,7 +124,8 @@ def test_each_adapter_starts_from_a_fresh_base(tmp_path, cache):
     figures, seen = [], []
     for ds in ("takala/financial_phrasebank", "glue"):
         stage = resolve_targets(StageSpec(objective="sft", steps=2, batch_size=2, max_length=128, lr=1e-2,
-                                          data=(DataRef(dataset=ds, cap=30, holdout=0.2),), lora=lora), "tiny")
+                                          data=(DataRef(dataset=ds, cap=30, holdout=0.2),),
+                                          lora=lora), "tiny")
         watch = _BaseWeights()
         figures.append(train_stage(stage, "tiny", tmp_path / ds.replace("/", "_"), callbacks=(watch,)))
         seen.append(watch.seen)
@@ -220,7 +221,8 @@ def test_set_runs_stores_and_reports(tmp_path, cache):
     assert view.matrix["trained"][0] == "base (untrained)" and view.matrix["tasks"] == ["fpb", "sst2"]
     assert view.matrix["diagonal"] == [None, "fpb", "sst2", None]
     table = view.transfer.set_index("experiment")
-    assert table.loc["adapter[fpb]"].iloc[1].startswith("◆") and not table.loc["adapter[fpb]"].iloc[2].startswith("◆")
+    assert table.loc["adapter[fpb]"].iloc[1].startswith("◆")
+    assert not table.loc["adapter[fpb]"].iloc[2].startswith("◆")
     assert table.loc["adapter[sst2]"].iloc[2].startswith("◆")
     stored = json.loads(store.db.execute("SELECT metrics FROM results LIMIT 1").fetchone()[0])
     assert "accuracy" in stored

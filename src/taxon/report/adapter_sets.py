@@ -31,7 +31,8 @@ def _rows(scores: Scores, spec: dict) -> list[tuple[Arm, dict]]:
     """The set's arms, base first, then the datasets in the set's order, then the multi-task one."""
     order = [BASE, *spec["datasets"], MULTI]
     found = [(a, a.axes) for a in scores.arms if a.axes.get("adapter_set") == spec["name"]]
-    return sorted(found, key=lambda r: order.index(r[1]["dataset"]) if r[1]["dataset"] in order else len(order))
+    return sorted(found, key=lambda r: order.index(r[1]["dataset"])
+                  if r[1]["dataset"] in order else len(order))
 
 
 def _label(axes: dict) -> str:

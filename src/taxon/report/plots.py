@@ -211,9 +211,11 @@ def transfer_matrix(matrix: dict) -> Figure | None:
             if diag:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
     if score:
-        ax.set_xlabel("evaluated on (each task's primary metric, mean over seeds; outlined: the adapter's own task)")
+        ax.set_xlabel("evaluated on (each task's primary metric, mean over seeds; "
+                      "outlined: the adapter's own task)")
     else:
-        ax.set_xlabel("evaluated on (gain over the model's zero-shot score; * Holm p < 0.05; bold: trained task)")
+        ax.set_xlabel("evaluated on (gain over the model's zero-shot score; * Holm p < 0.05; "
+                      "bold: trained task)")
     ax.set_title(matrix.get("title", "Transfer matrix: trained on X, gain on Y"))
     fig.colorbar(im, ax=ax)
     return fig

@@ -258,7 +258,8 @@ def write(report: Report, out: Path, store_path: Path, provenance: str = "") -> 
             figures=embedded,
             experiments=f"<pre>{jinja2.filters.escape(report.experiments_md)}</pre>",
             large_models=report.large_models.to_dict("records"),
-            adapter_sets=[(title, view.to_html(index=False, border=0) if not view.empty else f"<p>{empty}</p>")
+            adapter_sets=[(title, view.to_html(index=False, border=0)
+                           if not view.empty else f"<p>{empty}</p>")
                           for title, view, empty in adapter_set_sections(report)],
             decision=decision_view(report.decision).to_html(index=False, border=0)
             if not report.decision.empty
