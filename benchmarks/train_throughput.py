@@ -13,9 +13,10 @@ The limit: this run's own matmul peak (best of square 2048 matmuls in the path's
 measured before and after the training runs; the higher counts) divided by the multiply-adds a
 token needs: 4 x the non-embedding parameters for LoRA (forward, and the backward through the
 activations; frozen weights get no gradient), 6 x for full-parameter training; the LM head counts
-in pretraining, where every position reaches it, not in SFT, where only labelled ones do. Attention scores are left out, so
-the limit is a little optimistic. Tokens are the examples' own tokens (no padding); since taxon
-encodes a batch's shared prompt opening once, its share can pass 100%.
+in pretraining, where every position reaches it, not in SFT, where only labelled ones do.
+Attention scores are left out, so the limit is a little optimistic. Tokens are the examples' own
+tokens (no padding); since taxon encodes a batch's shared prompt opening once, its share can pass
+100%.
 
 Targets (SFT): >= 70% of the limit and >= 1.5x the Trainer, on the fp32 path (AVX2 CPUs) and the
 bf16 path (AVX512-BF16/AMX CPUs, CUDA).

@@ -40,6 +40,11 @@ class DataRef(Spec):
     # objective mixed: how this source is used. `text`: packed blocks, loss on every token;
     # `pair`: (prompt, completion), loss on the completion only. YAML key `as`.
     as_: Literal["text", "pair"] | None = Field(None, alias="as", exclude_if=lambda v: v is None)
+    # Adapter sets: at most `cap` rows of the source (a seeded prefix of the same order as
+    # `fraction`), of which a `holdout` share is kept out of training and scored as the stage's
+    # eval loss. Left out of the canonical spec when unset, so other stages keep their identity.
+    cap: int | None = Field(None, ge=2, exclude_if=lambda v: v is None)
+    holdout: float | None = Field(None, gt=0, lt=1, exclude_if=lambda v: v is None)
 
     @field_validator("rate")
     @classmethod
@@ -464,6 +469,51 @@ class QuestionSpec(Spec):
         return self
 
 
+class AdapterDataSpec(Spec):
+    """One dataset of an adapter set: the rows an adapter trains on and the eval task that scores
+    it (the transfer matrix's column for this adapter; its diagonal cell)."""
+
+    dataset: str  # a card id or alias
+    config: str | None = None
+    split: str = "train"
+    task: str  # an eval task (src/taxon/evals/tasks) on the same data
+
+
+class AdapterSetSpec(Spec):
+    """One LoRA adapter per dataset from the same base with identical settings, each on at most
+    `examples` rows of its dataset (in the model's chat format), of which a seeded `holdout` share
+    is kept out for the eval loss. Expanded (study/adapter_sets.py) into experiments
+    `<name>[<key>]`, `<name>[base]` (the model untrained) and, with `multi_task`, `<name>[multi-task]`
+    (one adapter on all the datasets, equal shares, the same settings)."""
+
+    name: str = "adapter"
+    datasets: dict[str, AdapterDataSpec]
+    examples: int = Field(300, ge=10)  # N: rows per dataset, train and held-out together
+    holdout: float = Field(0.1, gt=0, lt=1)
+    # The shared training settings: StageSpec fields other than objective, data and replay
+    # (steps, batch_size, grad_accum, lr, max_length, lora, precision, schedule, ...).
+    stage: dict = {}
+    multi_task: bool = True
+    validation: bool = True  # run each dataset's validation prompts (evals/validation) on every model
+
+    @model_validator(mode="after")
+    def _keys(self) -> AdapterSetSpec:
+        if not self.datasets:
+            raise ValueError("an adapter set needs at least one dataset under `datasets:`")
+        for key in self.datasets:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", key) or key in ("base", "multi-task"):
+                raise ValueError(f"dataset key '{key}' must be letters, digits, _ . - and not "
+                                 "'base' or 'multi-task'; rename it")
+        banned = sorted({"objective", "data", "replay"} & set(self.stage))
+        if banned:
+            raise ValueError(f"`stage` sets {', '.join(banned)}, which the adapter set decides "
+                             "(sft on each dataset); remove it")
+        if "lora" in self.stage and self.stage["lora"] is None:
+            raise ValueError("an adapter set trains LoRA adapters; give `stage.lora` r/alpha or leave "
+                             "it out for the default")
+        return self
+
+
 class StudySpec(Spec):
     name: str
     model: str = "smollm2-135m"  # a mapping declares a model from its config (ModelConfig)
@@ -472,6 +522,8 @@ class StudySpec(Spec):
     eval: EvalSpec = EvalSpec()
     experiments: tuple[ExperimentSpec, ...]
     questions: tuple[QuestionSpec, ...] = ()
+    # Kept after expansion into experiments: the report and the validation prompts read them.
+    adapter_sets: tuple[AdapterSetSpec, ...] = ()
 
     _model = field_validator("model", mode="before")(classmethod(lambda cls, v: model_name(v)))
 

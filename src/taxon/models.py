@@ -137,6 +137,8 @@ def atomic_save(model, tokenizer, dest: Path, meta: dict | None = None, extra=()
     for path in extra:
         shutil.copy2(path, tmp / Path(path).name)
     if meta is not None:
+        if isinstance(meta.get("figures"), dict):  # what the checkpoint weighs: an adapter's size
+            meta["figures"]["weights_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not replace and (dest / "config.json").is_file():  # another process built it meanwhile

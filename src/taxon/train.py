@@ -173,6 +173,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
             model.requires_grad_(True)
     chat = render.uses_chat(tokenizer, None)
     train_set, summary = mixture.build(schedule.data_stage(stage), tokenizer, chat, held_out_splits)
+    # Sources with a `holdout` (adapter sets): their held-out rows give the stage's eval loss.
+    eval_set = mixture.holdout_set(stage, tokenizer, chat)
     bf16 = use_bf16(stage.precision)
     peft_config = None
     if stage.lora is not None and stage.adapter == "merge":
@@ -223,7 +225,7 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         dataloader_num_workers=0,
     )
     trainer = LabelledLossTrainer(
-        model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[_Progress(desc, stage.steps if stage.run_steps else None), schedule.ContinueSchedule(),
                    *([_StageMeta(meta)] if save_steps else []), *([watcher] if watcher else []),
@@ -238,6 +240,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
     result = trainer.train(resume_from_checkpoint=resume)
     train_s = time.time() - t_train
     cpu_s = time.process_time() - cpu_train
+    # Mean completion-token loss per eval batch on the held-out rows, after the last step.
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     tokens = int(trainer.state.num_input_tokens_seen) - schedule.tokens_seen(resume)
@@ -258,6 +262,8 @@ def train_stage(stage: StageSpec, base: str, out: Path, desc: str = "train", *,
         "packing_efficiency": counter.efficiency(stage.steps * stage.grad_accum),
         "mixture": summary,
     }
+    if eval_set is not None:
+        figures.update(eval_loss=eval_loss, eval_examples=len(eval_set))
     if watcher is not None:
         figures["watch"] = watcher.figures()
     meta["figures"] = figures

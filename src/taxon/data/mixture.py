@@ -30,21 +30,39 @@ def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], lis
     return p, c
 
 
+def select_rows(rows, ref: DataRef, seed: int, part: str = "train"):
+    """The rows of `ref` a stage uses: a `fraction` and a `cap` take a prefix of one seeded order
+    (so smaller subsets nest in larger ones), and with `holdout` the first share of that prefix is
+    the held-out part (`part="holdout"`, scored as the eval loss) and the rest the training part."""
+    if ref.fraction < 1 or ref.cap is not None:
+        keep = max(1, math.ceil(ref.fraction * len(rows)))
+        keep = min(keep, ref.cap) if ref.cap is not None else keep
+        rows = rows.shuffle(seed=seed).select(range(keep))
+    if ref.holdout is None:
+        if part != "train":
+            raise ValueError(f"dataset '{ref.dataset}' has no holdout")
+        return rows
+    n_out = max(1, round(ref.holdout * len(rows)))
+    if n_out >= len(rows):
+        raise TaxonError(f"dataset '{ref.dataset}': {len(rows)} rows leave none for training after "
+                         f"holding out {ref.holdout:g}; raise the cap or lower the holdout")
+    return rows.select(range(n_out) if part == "holdout" else range(n_out, len(rows)))
+
+
 def _examples(ref: DataRef, objective: str, tokenizer, chat: bool, seed: int,
-              max_length: int, held_out: frozenset[str] = frozenset()) -> tuple[list[dict], int]:
+              max_length: int, held_out: frozenset[str] = frozenset(),
+              part: str = "train") -> tuple[list[dict], int]:
     """A source's rows as token sequences, and how many SFT pairs were dropped for exceeding
     `max_length` (truncating them would cut off the completion, the only part with a loss).
-    `held_out`: the source's splits that eval tasks score on (never read)."""
+    `held_out`: the source's splits that eval tasks score on (never read). `part`: the training
+    rows or the stage's own held-out rows (`select_rows`)."""
     if ref.split == "test" or ref.split in held_out:
         raise TaxonError(
             f"stage data '{ref.dataset}' uses split '{ref.split}', which an eval task scores on; "
             "train on a train split so no test item reaches training"
         )
     card = get_card(ref.dataset).for_config(ref.config)
-    rows = load_rows(ref.dataset, ref.config, ref.split, seed=seed)
-    if ref.fraction < 1:  # a prefix of one seeded order: smaller fractions nest in larger ones
-        keep = max(1, math.ceil(ref.fraction * len(rows)))
-        rows = rows.shuffle(seed=seed).select(range(keep))
+    rows = select_rows(load_rows(ref.dataset, ref.config, ref.split, seed=seed), ref, seed, part)
     out, too_long = [], 0
     as_text = objective == "pretrain" or card.templates.prompt is None
     for row in rows:
@@ -196,3 +214,21 @@ def build(stage: StageSpec, tokenizer, chat: bool,
     if stage.objective == "pretrain":
         chosen = pack(chosen, stage.max_length)
     return Dataset.from_list(chosen), summary
+
+
+def holdout_set(stage: StageSpec, tokenizer, chat: bool) -> Dataset | None:
+    """Every held-out example of the stage's sources with a `holdout` (each once, unsampled), or
+    None when no source holds any out. Same rendering and length limit as the training part."""
+    out: list[dict] = []
+    for ref in stage.data:
+        if ref.holdout is None:
+            continue
+        how = stage.objective if stage.objective != "mixed" else (
+            "pretrain" if stage.usage(ref) == "text" else "sft")
+        pool, _ = _examples(ref, how, tokenizer, chat, stage.seed, stage.max_length, part="holdout")
+        out += pool
+    if not out:
+        return None
+    if stage.objective == "pretrain":
+        out = pack(out, stage.max_length)
+    return Dataset.from_list(out)

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from taxon.config import QuestionSpec
 from taxon.evals import references
-from taxon.report import forgetting, plots, retention
+from taxon.report import adapter_sets, forgetting, plots, retention
 from taxon.report.arms import N_RESAMPLES, Scores
 from taxon.report.compute import Compute, arm_compute, assumptions
 from taxon.report.questions import Answer, answer_all, baseline_for, reference
@@ -43,6 +43,7 @@ class Report:
     large_models: pd.DataFrame = field(default_factory=pd.DataFrame)
     decision: pd.DataFrame = field(default_factory=pd.DataFrame)  # watched stages (forgetting)
     retention: pd.DataFrame = field(default_factory=pd.DataFrame)  # composite adapters
+    adapter_sets: list = field(default_factory=list)  # adapter_sets.SetView per declared set
 
 
 def _large_models(scores: Scores, tasks: list[str]) -> pd.DataFrame:
@@ -205,6 +206,12 @@ def build(store: Store, study: str | None, questions: list[QuestionSpec] | tuple
                 f"{a.id}: critical-difference diagram ({label}; Nemenyi, alpha 0.05).",
                 plots.cd_diagram(info["ranks"], info["cd"], f"{a.id}: {label}"),
             )
+    sets = adapter_sets.views(store, scores, study, tasks)
+    for view in sets:
+        figures[f"transfer-set-{view.name}"] = (
+            f"Adapter set {view.name}: transfer matrix (base row first; outlined: own task).",
+            plots.transfer_matrix(view.matrix),
+        )
     notes = [METHOD, assumptions()]
     kept = retention.retention_table(scores, tasks)  # composites of adapters, if the study has any
     if not kept.empty:
@@ -222,6 +229,7 @@ def build(store: Store, study: str | None, questions: list[QuestionSpec] | tuple
         _large_models(scores, tasks),
         decision,
         kept,
+        sets,
     )
 
 

@@ -179,34 +179,44 @@ def pareto(scores: Scores, compute: dict[str, Compute], tasks: list[str]) -> Fig
 
 
 def transfer_matrix(matrix: dict) -> Figure | None:
+    """Trained on X (rows), scored on Y (columns); the trained task's cell in bold and outlined.
+    Kind `gain` (rq3): the change against the model's zero-shot score, with Holm-adjusted p.
+    Kind `score` (adapter sets): each model's own score, the untrained base as the first row."""
     if not matrix or not matrix["trained"]:
         return None
-    gain = np.array([[np.nan if g is None else g for g in row] for row in matrix["gain"]], dtype=float)
+    score = matrix.get("kind") == "score"
+    values = matrix["score"] if score else matrix["gain"]
+    grid = np.array([[np.nan if g is None else g for g in row] for row in values], dtype=float)
     fig, ax = plt.subplots(
         figsize=(1.8 + 1.2 * len(matrix["tasks"]), 1.2 + 0.45 * len(matrix["trained"])), layout="constrained"
     )
-    lim = np.nanmax(np.abs(gain)) if np.isfinite(gain).any() else 1
-    im = ax.imshow(gain, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    if score:
+        top = np.nanmax(grid) if np.isfinite(grid).any() else 1
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(1.0, top), aspect="auto")
+    else:
+        lim = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1
+        im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(len(matrix["tasks"])), matrix["tasks"])
     ax.set_yticks(range(len(matrix["trained"])), [_short(t, 30) for t in matrix["trained"]])
-    for i, row in enumerate(matrix["gain"]):
+    for i, row in enumerate(values):
         for j, g in enumerate(row):
             if g is None:
                 continue
-            p = matrix["p"][i][j]
+            p = None if score else matrix["p"][i][j]
             star = "*" if p is not None and p < 0.05 else ""
             diag = matrix["tasks"][j] == matrix["diagonal"][i]
-            ax.text(
-                j,
-                i,
-                f"{g:+.3f}{star}",
-                ha="center",
-                va="center",
-                fontsize=8,
-                fontweight="bold" if diag else "normal",
-            )
-    ax.set_xlabel("evaluated on (gain over the model's zero-shot score; * Holm p < 0.05; bold: trained task)")
-    ax.set_title("Transfer matrix: trained on X, gain on Y")
+            ax.text(j, i, f"{g:.3f}" if score else f"{g:+.3f}{star}", ha="center", va="center", fontsize=8,
+                    fontweight="bold" if diag else "normal",
+                    color="white" if score and g < 0.6 * max(1.0, np.nanmax(grid)) else "black")
+            if diag:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    if score:
+        ax.set_xlabel("evaluated on (each task's primary metric, mean over seeds; "
+                      "outlined: the adapter's own task)")
+    else:
+        ax.set_xlabel("evaluated on (gain over the model's zero-shot score; * Holm p < 0.05; "
+                      "bold: trained task)")
+    ax.set_title(matrix.get("title", "Transfer matrix: trained on X, gain on Y"))
     fig.colorbar(im, ax=ax)
     return fig
 

@@ -145,6 +145,21 @@ def _md(view: pd.DataFrame, empty: str) -> str:
     return view.to_markdown(index=False) if not view.empty else empty
 
 
+def adapter_set_sections(report: Report) -> list[tuple[str, pd.DataFrame, str]]:
+    """Per adapter set: the transfer matrix, the adapters' figures, the validation checks."""
+    out = []
+    for v in report.adapter_sets:
+        out += [
+            (f"Adapter set {v.name}: transfer matrix (score, change against the base; "
+             "◆ the adapter's own task)", v.transfer, "(no results)"),
+            (f"Adapter set {v.name}: adapters", v.adapters.drop(columns=["folder"], errors="ignore"),
+             "(no adapters trained)"),
+            (f"Adapter set {v.name}: validation prompts passed (automatic checks)", v.validation,
+             "(no validation prompts run)"),
+        ]
+    return out
+
+
 def markdown(report: Report, figure_dir: str = "figures") -> str:
     lines = [f"# taxon report: {report.study or 'all experiments'}", "", "## Research questions", ""]
     for a in report.answers:
@@ -162,6 +177,8 @@ def markdown(report: Report, figure_dir: str = "figures") -> str:
         sections.insert(0, ("Retention: composite adapters against their members",
                             retention_view(report.retention), ""))
     for title, view, empty in sections:
+        lines += [f"## {title}", "", _md(view, empty), ""]
+    for title, view, empty in adapter_set_sections(report):
         lines += [f"## {title}", "", _md(view, empty), ""]
     lines += ["## Figures", ""]
     lines += [f"![{cap}]({figure_dir}/{key}.png)" for key, (cap, _) in report.figures.items()]
@@ -216,6 +233,9 @@ def write(report: Report, out: Path, store_path: Path, provenance: str = "") -> 
             (tmp / "tables" / "retention.md").write_text(_md(retention_view(report.retention), ""))
         if not report.large_models.empty:
             report.large_models.to_csv(tmp / "tables" / "large_models.csv", index=False)
+        for v in report.adapter_sets:  # every figure and answer behind the adapter-set sections
+            for part in ("transfer", "adapters", "validation", "answers"):
+                getattr(v, part).to_csv(tmp / "tables" / f"adapter_set-{v.name}-{part}.csv", index=False)
         tables = {
             "summary": (report.summary, summary_view(report.summary), "Arms over seeds"),
             "compute": (report.compute, compute_view(report.compute), "Compute per arm"),
@@ -245,6 +265,9 @@ def write(report: Report, out: Path, store_path: Path, provenance: str = "") -> 
             figures=embedded,
             experiments=f"<pre>{jinja2.filters.escape(report.experiments_md)}</pre>",
             large_models=report.large_models.to_dict("records"),
+            adapter_sets=[(title, view.to_html(index=False, border=0)
+                           if not view.empty else f"<p>{empty}</p>")
+                          for title, view, empty in adapter_set_sections(report)],
             decision=decision_view(report.decision).to_html(index=False, border=0)
             if not report.decision.empty
             else "",

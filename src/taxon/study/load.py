@@ -9,6 +9,7 @@ from pathlib import Path
 
 from taxon.config import StudySpec, load_yaml, parse
 from taxon.errors import TaxonError
+from taxon.study.adapter_sets import expand_sets
 from taxon.study.durations import checkpoint_experiments
 from taxon.study.grid import expand_study
 
@@ -74,6 +75,8 @@ def load_study(path: str | Path) -> StudySpec:
     seed = data.get("seed", 0)
     if "grid" in data or "data" in data:  # named recipes over axes, added to `experiments`
         data = expand_study(data, str(path))
+    if "adapter_sets" in data:  # one adapter per dataset, expanded into experiments
+        data = expand_sets(data, str(path))
     if seeds is not None:
         listed = [e for e in data.get("experiments") or [] if not (isinstance(e, dict) and "axes" in e)]
         gridded = [e for e in data.get("experiments") or [] if isinstance(e, dict) and "axes" in e]

@@ -27,12 +27,18 @@ from taxon.identity import stage_meta
 from taxon.models import STAGE_META, copy_checkpoint, missing_base
 from taxon.schedule import checkpoint, whole_run
 from taxon.settings import cache_dir
-from taxon.study import tracking, validate
+from taxon.study import adapter_runs, tracking, validate
 from taxon.study.environment import environment
 from taxon.study.executors import Sequential
 from taxon.study.locks import FileLock, lock_for
-from taxon.study.plan import (PlannedCompose, PlannedExperiment, PlannedStage, eval_key, stage_id,
-                              unique_stages)
+from taxon.study.plan import (
+    PlannedCompose,
+    PlannedExperiment,
+    PlannedStage,
+    eval_key,
+    stage_id,
+    unique_stages,
+)
 from taxon.study.store import Store
 from taxon.study.work import compose_job, evaluate_job, train_job
 
@@ -388,6 +394,10 @@ def run_study(study: StudySpec, store: Store, console: Console | None = None, ex
     for name, keys in evals_of.items():
         if not keys:  # an experiment with no eval task (main.py --eval_tasks none)
             finish(name)
+    if study.adapter_sets:  # per-adapter rows, peft folders by dataset, validation prompts
+        adapter_runs.record_adapters(study, experiments, store,
+                                     json_dir.parent / "adapters" if json_dir is not None else None)
+        adapter_runs.run_validations(study, experiments, store, console, ctx.run_id)
     store.finish_run(ctx.run_id)
     return experiments
 

@@ -54,6 +54,15 @@ CREATE TABLE IF NOT EXISTS watch (
     stage_id TEXT, step INTEGER, domain_loss REAL, general_loss REAL,
     domain_vs_start REAL, general_vs_start REAL, domain_vs_base REAL, general_vs_base REAL,
     verdict TEXT, PRIMARY KEY (stage_id, step));
+CREATE TABLE IF NOT EXISTS adapters (
+    study TEXT NOT NULL, adapter_set TEXT NOT NULL, dataset TEXT NOT NULL, experiment TEXT NOT NULL,
+    stage_id TEXT NOT NULL, folder TEXT, train_loss REAL, eval_loss REAL, train_seconds REAL,
+    weights_bytes INTEGER, trainable_params INTEGER, train_examples INTEGER, eval_examples INTEGER,
+    created REAL NOT NULL, PRIMARY KEY (study, experiment));
+CREATE TABLE IF NOT EXISTS validations (
+    model_key TEXT NOT NULL, set_key TEXT NOT NULL, dataset TEXT NOT NULL, idx INTEGER NOT NULL,
+    prompt TEXT NOT NULL, answer TEXT NOT NULL, kind TEXT NOT NULL, expect TEXT, passed INTEGER NOT NULL,
+    detail TEXT NOT NULL, run_id TEXT, created REAL NOT NULL, PRIMARY KEY (model_key, set_key, idx));
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, kind TEXT NOT NULL, key TEXT NOT NULL,
     created REAL NOT NULL);
@@ -277,3 +286,42 @@ class Store:
         return [{"idx": r["idx"], "gold": _from_json(r["gold"]), "pred": _from_json(r["pred"]),
                  "scores": json.loads(r["scores"])}
                 for r in self.db.execute(q + " ORDER BY idx", (model_key, eval_key))]
+
+    ADAPTER_COLUMNS = ("study", "adapter_set", "dataset", "experiment", "stage_id", "folder",
+                       "train_loss", "eval_loss", "train_seconds", "weights_bytes",
+                       "trainable_params", "train_examples", "eval_examples")
+
+    def add_adapter(self, row: dict) -> None:
+        """One adapter of an adapter set: its stage, peft folder and figures."""
+        with self._write():
+            self.db.execute(
+                f"INSERT OR REPLACE INTO adapters ({', '.join(self.ADAPTER_COLUMNS)}, created) "
+                f"VALUES ({', '.join('?' * (len(self.ADAPTER_COLUMNS) + 1))})",
+                (*(row.get(k) for k in self.ADAPTER_COLUMNS), time.time()))
+
+    def adapters(self, study: str | None = None) -> list[dict]:
+        q = "SELECT * FROM adapters" + (" WHERE study=?" if study else "") + " ORDER BY created"
+        return [dict(r) for r in self.db.execute(q, (study,) if study else ())]
+
+    def has_validation(self, model_key: str, set_key: str) -> bool:
+        q = "SELECT 1 FROM validations WHERE model_key=? AND set_key=?"
+        return self.db.execute(q, (model_key, set_key)).fetchone() is not None
+
+    def add_validation(self, model_key: str, set_key: str, dataset: str, rows: list[dict],
+                       run_id: str | None = None) -> None:
+        """A model's answers to one dataset's validation prompts and their checks, in one
+        transaction, and a `validate` event."""
+        now = time.time()
+        with self._write():
+            self.db.execute("DELETE FROM validations WHERE model_key=? AND set_key=?", (model_key, set_key))
+            self.db.executemany(
+                "INSERT INTO validations VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(model_key, set_key, dataset, r["idx"], r["prompt"], r["answer"], r["check"],
+                  json.dumps(r["expect"]), int(r["passed"]), r["detail"], run_id, now) for r in rows])
+            self.db.execute("INSERT INTO events (run_id, kind, key, created) VALUES (?,?,?,?)",
+                            (run_id, "validate", f"{model_key}/{set_key}", now))
+
+    def validations(self, model_key: str) -> list[dict]:
+        q = "SELECT * FROM validations WHERE model_key=? ORDER BY dataset, idx"
+        return [{**dict(r), "passed": bool(r["passed"]), "expect": json.loads(r["expect"])}
+                for r in self.db.execute(q, (model_key,))]
