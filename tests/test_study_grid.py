@@ -230,7 +230,8 @@ def test_study_plan_cli_on_examples(example, tmp_path):
     assert "stage graph" in out and "each duration is its own run" in out
     assert "no trained stage in the cache" in out  # an empty cache: says how to calibrate
     assert "NVIDIA A100" in out and "30% MFU" in out
-    assert time.time() - t0 < 60  # "in seconds" is measured in the benchmark; this guards a hang
+    # A hang guard only, loose enough for a loaded 2-core CI machine; speed is the benchmark's.
+    assert time.time() - t0 < 300
 
 
 @pytest.mark.parametrize(("block", "message"), [
