@@ -33,6 +33,11 @@ def continue_adapter(stage: StageSpec, base: str):
             f"adapter continue: '{base}' is not a LoRA stage checkpoint, so there is no adapter "
             "to continue; use adapter merge (the default)"
         )
+    if not meta.get("spec"):  # a composite (taxon.compose) has members, not one stage's LoRA
+        raise TaxonError(
+            f"adapter continue: '{base}' is a composite of several adapters, which has no single "
+            "LoRA to continue; use adapter merge (the default)"
+        )
     assert stage.lora is not None  # StageSpec refuses continue without lora
     theirs = (meta["spec"]["lora"]["r"], meta["spec"]["lora"]["alpha"],
               sorted(meta["spec"]["lora"]["target_modules"]))
