@@ -10,7 +10,10 @@ from taxon.config import EvalSpec, StageSpec, default
 
 # Fields only a study's planner sets, or that the commands take in another shape.
 # watch: a nested block (tasks, thresholds), set in study files only
-NOT_FLAGS = {"segment", "data", "replay", "objective", "lora", "watch"}
+# Planner-made (segment, run_steps, checkpoints) or structured fields; warmup_steps has no flag
+# of its own yet (warmup_ratio has).
+NOT_FLAGS = {"segment", "data", "replay", "objective", "lora", "watch", "run_steps", "checkpoints",
+             "warmup_steps"}
 
 
 def typer_defaults(fn) -> dict:
