@@ -15,9 +15,6 @@ B·A·alpha/r (tests/test_compose.py compares it tensor by tensor).
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -131,17 +128,7 @@ def write_composite(members: list[str | Path], spec: ComposeSpec, out: Path,
         # A whole model: loaded without peft; its metadata keeps the identity but no base to apply.
         atomic_save(merged, tokenizer, out, {**meta, "lora": False, "merged_from": meta["base"]})
         return meta
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / STAGE_META).write_text(json.dumps(meta, indent=2))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out, ignore_errors=True)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_save(model, tokenizer, out, meta)  # the adapter and the metadata naming its base
     return meta
 
 
