@@ -152,7 +152,7 @@ def _one(kind: str) -> tuple[validation.ValidationSet, validation.Prompt]:
 @pytest.mark.parametrize("kind, right, wrong", [
     ("label", " positive", " negative"),
     ("number", "3 x 4 = 12\n#### 12", "3 + 4 = 7\n#### 7"),
-    ("parses", "Acme Bank (ORG); John Smith (PER)", "Acme Bank is an ORG"),
+    ("parses", "Acme Bank, ORG\nJohn Smith, PER", "Acme Bank is an ORG"),
     ("code_asserts", "    return a + b\n", "    return a - b\n"),
 ])
 def test_checks_fail_wrong_answers(kind, right, wrong):
@@ -167,7 +167,8 @@ def test_check_details():
     assert validation.check(vset, p, "I am not sure") == (False, "no label of ['negative', 'neutral', "
                                                          "'positive'] in the answer")
     ner, q = _one("parses")
-    assert validation.check(ner, q, "Acme Bank (ORG)") == (False, "parses, but lacks John Smith")
+    assert validation.check(ner, q, "Acme Bank, ORG") == (False, "parses, but lacks John Smith")
+    assert validation.check(ner, q, "Acme Bank, ORG\nJohn Smith, PER\nand more")[0] is False
     assert validation.parse_entities(" none") == []
     number, n = _one("number")
     assert validation.check(number, n, "I cannot say")[0] is False

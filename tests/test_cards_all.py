@@ -149,7 +149,7 @@ def test_nested_and_string_columns_render():
     ner = cards.get_card("sec-filings-ner")
     row = load_rows("sec-filings-ner", None, "test")[0]
     _, completion = render.as_pair(ner, row)
-    assert completion.startswith(" Silicium de Provence SAS (ORG); Evergreen Solar Inc (ORG)")
+    assert completion.startswith(" Silicium de Provence SAS, ORG\nEvergreen Solar Inc, ORG")
     sujet = cards.get_card("sujet-finance-qa-vision")
     row = load_rows("sujet-finance-qa-vision", None, "train")[0]
     prompt, completion = render.as_pair(sujet, row)

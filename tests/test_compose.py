@@ -353,6 +353,29 @@ def test_seeds_replicate_a_composite_with_its_members(tmp_path):
     assert merged[1].compose.seed == 1 and merged[1].compose.baseline == "multitask"
 
 
+
+def test_the_plan_shows_each_composite_under_its_members(tmp_path):
+    """Names like `merged[seed=0]` print as written (not read as rich markup), and the graph hangs
+    each composite under its first member's stage, naming every member's stage id."""
+    from taxon.study.load import load_study
+    from taxon.study.plan import plan
+    from taxon.study.plan_report import compose_label, print_plan
+
+    path = tmp_path / "s.yaml"
+    path.write_text(STUDY.replace("name: tiny-compose", "name: tiny-compose\nseeds: [0, 1]"))
+    study = load_study(path)
+    planned = plan(study)
+    console = Console(record=True, width=250)
+    print_plan(study, planned, console)
+    out = console.export_text()
+    for e in planned:
+        assert e.name in out
+    for e in (e for e in planned if e.compose is not None):
+        ids = ", ".join(m.id[:8] for m in e.compose.members)
+        assert compose_label(e) == "ties 2 adapters, density 0.5"
+        assert f"{e.compose.id[:8]} {compose_label(e)} of {ids} (merged, nothing trains)" in out
+        assert f"compose: {compose_label(e)}" in out
+
 # --- retention, on stored predictions with a known truth -----------------------------------------
 
 

@@ -7,7 +7,7 @@ a literal `prompt`; the model answers greedily in its chat format, and the answe
 
     label         the first of the card's labels the answer names is `expect`
     number        the answer's number (after "####", else its last) equals `expect` (within `rel_tol`)
-    parses        the answer parses as `format` (`entities`: "text (TYPE); ..." or "none"; `json`),
+    parses        the answer parses as `format` (`entities`: "name, TYPE" lines or "none"; `json`),
                   and holds every entity (or JSON value) listed in `expect`
     code_asserts  the prompt's code with the answer as its continuation, then `asserts`, runs in the
                   sandbox and exits cleanly
@@ -28,10 +28,11 @@ from taxon.config import Spec, digest, parse
 from taxon.data import render
 from taxon.data.cards import get_card
 from taxon.errors import TaxonError
+from taxon.evals.ner import parse_entities as entity_lines
 
 VALIDATION_DIR = Path(__file__).with_name("validation")
 CHECKS = ("label", "number", "parses", "code_asserts")
-_ENTITY = re.compile(r"^(?P<text>.+?) \((?P<type>[A-Z]+)\)$")
+ENTITY_TYPES = ("PER", "ORG", "LOC")  # the types the card teaches and the `ner` task scores
 
 
 class Prompt(Spec):
@@ -133,21 +134,22 @@ def _number(answer: str, expect, rel_tol: float) -> tuple[bool, str]:
 
 
 def parse_entities(text: str) -> list[tuple[str, str]] | None:
-    """`text (TYPE); text (TYPE)` or `none` as (text, TYPE) pairs; None when it does not parse."""
-    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
-    if line.lower().rstrip(".") == "none":
+    """"name, TYPE" lines (FinBen's format, the card's and the `ner` task's) or `none` as
+    (name, TYPE) pairs; None when a non-blank line is neither, so prose does not pass."""
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    if len(lines) == 1 and lines[0].lower().rstrip(".") == "none":
         return []
-    spans = [_ENTITY.match(part.strip()) for part in line.split(";")]
-    if not line or not all(spans):
+    found = [entity_lines(line, ENTITY_TYPES) for line in lines]
+    if not lines or not all(found):
         return None
-    return [(m.group("text").strip(), m.group("type")) for m in spans]  # type: ignore[union-attr]
+    return [e for one in found for e in one]
 
 
 def _parses(answer: str, fmt: str, expect) -> tuple[bool, str]:
     if fmt == "entities":
         found = parse_entities(answer)
         if found is None:
-            return False, "not a list of 'text (TYPE)' separated by '; ' (or 'none')"
+            return False, "not 'entity name, TYPE' lines with TYPE one of PER, ORG, LOC (or 'none')"
         want = [tuple(e) if isinstance(e, list | tuple) else (str(e), None) for e in expect or []]
         missing = [w for w in want if not any(t == w[0] and w[1] in (None, k) for t, k in found)]
         if missing:

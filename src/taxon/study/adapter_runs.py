@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from taxon.config import AdapterSetSpec, StudySpec
 from taxon.evals import validation
@@ -86,7 +87,7 @@ def run_validations(study: StudySpec, experiments: list[PlannedExperiment], stor
                 rows = validation.run_set(model, tokenizer, vset, bf16=bf16)
                 store.add_validation(exp.model_key, vset.key(), vset.dataset, rows, run_id)
                 passed = sum(r["passed"] for r in rows)
-                console.print(f"  {exp.name} / validation {vset.dataset}: {passed}/{len(rows)} "
+                console.print(f"  {escape(exp.name)} / validation {vset.dataset}: {passed}/{len(rows)} "
                               "checks passed", highlight=False)
                 done += 1
             del model

@@ -47,7 +47,11 @@ def stage_tree(experiments: list[PlannedExperiment]) -> Group:
     roots: dict[str, Tree] = {}
     nodes: dict[str, Tree] = {}
     ends: dict[str, list[str]] = {}
+    composites: list[PlannedExperiment] = []
     for e in experiments:
+        if e.compose is not None:
+            composites.append(e)
+            continue
         params = cost.model_params(e.model)
         label = f"[bold]model {e.model}[/bold]" + (f" ({params / 1e6:,.0f}M params)" if params else "")
         parent = roots.setdefault(e.model, Tree(label))
@@ -62,7 +66,24 @@ def stage_tree(experiments: list[PlannedExperiment]) -> Group:
         node.label = Text.assemble(
             node.label if isinstance(node.label, Text) else Text.from_markup(str(node.label)),
             Text(_ends(names), style="cyan"))
+    # A composite merges the last stages of other experiments: a node under the first member's
+    # stage, naming the others, since a tree has one parent per node.
+    for e in composites:
+        c = e.compose
+        label = Text.assemble(
+            Text(f"{c.id[:8]} {compose_label(e)} of "
+                 f"{', '.join(m.id[:8] for m in c.members)} (merged, nothing trains)"),
+            Text(_ends([e.name]), style="cyan"))
+        nodes[c.members[0].id].add(label)
     return Group(*roots.values())
+
+
+def compose_label(e: PlannedExperiment) -> str:
+    """`ties 5 adapters, density 0.5`: what a composite experiment merges, and how."""
+    spec = e.compose.spec
+    extra = [f"density {spec.density:g}"] if spec.density is not None else []
+    extra += [f"weights {', '.join(f'{w:g}' for w in spec.weights)}"] if spec.weights else []
+    return f"{spec.method} {len(spec.members)} adapters" + (f", {', '.join(extra)}" if extra else "")
 
 
 def experiments_table(study: StudySpec, experiments: list[PlannedExperiment]) -> Table:
@@ -72,8 +93,10 @@ def experiments_table(study: StudySpec, experiments: list[PlannedExperiment]) ->
     fresh = cost.new_steps(experiments)
     recipes = {e.name: e.recipe or "-" for e in study.experiments}
     for i, (e, new) in enumerate(zip(experiments, fresh, strict=True), 1):
-        table.add_row(str(i), recipes[e.name], e.model, str(len(e.stages)),
-                      f"{sum(s.spec.steps for s in e.stages):,}", f"{new:,}", e.name)
+        recipe = f"compose: {compose_label(e)}" if e.compose is not None else recipes[e.name]
+        # Text, not markup: names like adapter[fpb] are not rich tags
+        table.add_row(str(i), Text(recipe), e.model, str(len(e.stages)),
+                      f"{sum(s.spec.steps for s in e.stages):,}", f"{new:,}", Text(e.name))
     return table
 
 

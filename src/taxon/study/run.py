@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from taxon.config import EvalSpec, ExperimentSpec, StageSpec, StudySpec
 from taxon.errors import TaxonError
@@ -208,7 +209,7 @@ class EvalJob:
                     + (f", {api['unparsed']} unparsed replies" if api["unparsed"] else ""))
         else:
             cost = (f"{eff['tokens_per_s'] or 0:.0f} tokens/s, peak {eff['peak_memory_mb']:.0f} MB")
-        ctx.console.print(f"  {', '.join(self.experiments)} / {self.task}: "
+        ctx.console.print(f"  {escape(', '.join(self.experiments))} / {self.task}: "
                           f"{primary} {m['value']:.3f} [{m['low']:.3f}, "
                           f"{m['high']:.3f}] on {result.n} items ({result.seconds:.0f} s, {cost})",
                           highlight=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 from taxon import hub, watch
 from taxon.config import DataRef, StudySpec
@@ -228,5 +229,5 @@ def checked_plan(study: StudySpec, for_run: bool, console: Console | None = None
         raise TaxonError("\n".join([head, *(f"  {line}" for line in lines)]))
     if console is not None:
         for line in _lines(notes):
-            console.print(f"[yellow]not available here[/yellow]: {line}", highlight=False)
+            console.print(f"[yellow]not available here[/yellow]: {escape(line)}", highlight=False)
     return plan(study)
