@@ -6,10 +6,13 @@ that share a long prefix (few-shot demonstrations, a task's fixed instruction) h
 once, in one pass, and every batch continues from that prefix's cache rows, so only each prompt's
 own tokens are encoded. Within a group, prompts are sorted by what remains (longest first) and
 left-padded, with an attention mask that hides the padding (a row is [padding, prefix, padding,
-own tokens]); `generate` derives position ids from that mask, so a prompt decodes the same alone,
-in a batch, or after a shared prefix (tests compare the three). A row stops at EOS, at
-`max_new_tokens`, or once its generated text holds a stop string (a batch ends when all its rows
-have); the decoded text is then cut at the first stop string. A prompt longer than the model's
+own tokens]); position ids come from that mask, so a prompt decodes the same alone, in a batch,
+or after a shared prefix (tests compare the three). Decoding is taxon's own greedy loop, not
+`model.generate`: one pass encodes a batch's own tokens, then each step feeds one token per live
+row. A row ends at EOS, at `max_new_tokens`, or once its generated text holds a stop string (only
+the last few tokens, enough to hold the longest stop string, are decoded to check), and leaves the
+batch there: its cache rows are dropped, so later steps cost only what the rows still generating
+cost. The decoded text is then cut at the first stop string. A prompt longer than the model's
 context minus `max_new_tokens` loses its oldest tokens (few-shot demonstrations first), as
 lm-evaluation-harness does, before prefixes are looked for; `Generation.truncated` says when.
 """
@@ -22,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from taxon.evals.metrics import NUMBER
 from taxon.evals.scoring import CacheRows, encode_prefixes, prefix_chunks
@@ -44,19 +46,6 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
         if s and i != -1:
             end = min(end, i)
     return text[:end]
-
-
-class _StopStrings(StoppingCriteria):
-    """Stop a row once the text it generated (after column `start`) contains a stop string.
-    Only generated text is checked, never the prompt or a string spanning the boundary."""
-
-    def __init__(self, tokenizer, stop: Sequence[str], start: int):
-        self.tokenizer, self.stop, self.start = tokenizer, [s for s in stop if s], start
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
-        done = [any(s in t for s in self.stop) for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -103,52 +92,88 @@ def generate(
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             past = prefixes.select([parent[i] for i in batch]) if prefixes is not None else None
-            rows = [(encoded[i][: shared[i]], encoded[i][shared[i] :]) for i in batch]
+            rows = [encoded[i][shared[i] :] for i in batch]  # the prefix's part is in `past`
             for i, generated in zip(batch, _decode(model, tokenizer, rows, past, pad_id, eos_ids,
                                                    max_new_tokens, stop, bf16), strict=True):
-                # Up to the first EOS: what follows it is padding of a row that finished early.
-                end = next((k for k, t in enumerate(generated) if t in eos_ids), len(generated))
-                text = tokenizer.decode(generated[:end], skip_special_tokens=True)
-                out[i] = Generation(cut_at_stop(text, stop), len(encoded[i]), end, truncated[i])
+                text = tokenizer.decode(generated, skip_special_tokens=True)
+                out[i] = Generation(cut_at_stop(text, stop), len(encoded[i]), len(generated), truncated[i])
             bar.update(len(batch))
     bar.close()
     return out  # type: ignore[return-value]
 
 
-def _decode(model, tokenizer, rows: list[tuple[list[int], list[int]]], past: CacheRows | None,
+def _stop_window(stop: Sequence[str]) -> int:
+    """How many trailing tokens can hold any stop string: every token that shares in a stop string
+    adds at least one of its bytes (a character split over byte tokens included), and the margin
+    keeps a token whose decoded form depends on the one before it (a leading space) off the edge."""
+    return max((len(s.encode()) for s in stop), default=0) + 4
+
+
+def _decode(model, tokenizer, rows: list[list[int]], past: CacheRows | None,
             pad_id: int, eos_ids: list[int], max_new_tokens: int, stop: Sequence[str],
             bf16: bool) -> list[list[int]]:
-    """The generated tokens of each (cached prefix, new tokens) row. A row is laid out as
-    [padding, prefix, padding, new tokens]: the prefix part is `past`'s own padded layout (its
-    keys and values are already in the cache, so `generate` feeds only what follows), the new
-    tokens are left-padded to the batch's longest. `generate` derives position ids from the mask
-    (its running count of real tokens), so every real token keeps the position it has alone."""
+    """The generated tokens of each row (its tokens after `past`'s prefix), up to its end: EOS (not
+    included), the token that completes a stop string (included) or `max_new_tokens`.
+
+    A row is laid out as [padding, prefix, padding, new tokens]: the prefix part is `past`'s own
+    padded layout (its keys and values are already in the cache), the new tokens are left-padded
+    to the batch's longest and encoded in one pass that keeps only the last position's logits.
+    Position ids come from the mask (its running count of real tokens, as `model.generate` derives
+    them), so every real token keeps the position it has alone. Each step then feeds one greedy
+    token per live row; a row that ends leaves the batch (its inputs, mask, positions and cache
+    rows are dropped), since a decode step's cost grows with its rows and a finished row would
+    otherwise be carried to the batch's last."""
+    if max_new_tokens <= 0:
+        return [[] for _ in rows]
     device = next(model.parameters()).device
-    width = max(len(new) for _, new in rows)
+    width = max(len(new) for new in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, (_, new) in enumerate(rows):
+    for row, new in enumerate(rows):
         ids[row, width - len(new) :] = torch.tensor(new)
         mask[row, width - len(new) :] = 1
     ids, mask = ids.to(device), mask.to(device)
-    cache = None
+    cache = None  # without a prefix the model makes its own (a config-aware DynamicCache)
     if past is not None:
-        # The prefix's own tokens in front (as `past.mask` lays them out), so input_ids hold
-        # the whole prompt for anything that reads them (logits processors, stop criteria).
-        head = torch.full(past.mask.shape, pad_id, dtype=torch.long, device=device)
-        for row, (prefix, _) in enumerate(rows):
-            head[row, head.shape[1] - len(prefix) :] = torch.tensor(prefix)
-        ids, mask, cache = torch.cat([head, ids], dim=-1), torch.cat([past.mask, mask], dim=-1), past.cache
-    start = ids.shape[1]
-    criteria = StoppingCriteriaList([_StopStrings(tokenizer, stop, start)] if stop else [])
+        mask, cache = torch.cat([past.mask, mask], dim=-1), past.cache
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -width:]
+    stop = [s for s in stop if s]
+    window, eos = _stop_window(stop), set(eos_ids)
+    generated: list[list[int]] = [[] for _ in rows]
+    live = list(range(len(rows)))  # the original row of each row of the shrinking batch
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        seqs = model.generate(
-            input_ids=ids, attention_mask=mask, past_key_values=cache,
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=pad_id, eos_token_id=eos_ids, stopping_criteria=criteria,
-        )
-    return seqs[:, start:].tolist()
-
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, step_pos = out.past_key_values, positions[:, -1:] + 1  # the last column is real
+        while True:
+            tokens = out.logits[:, -1].float().argmax(-1).tolist()
+            ended, growing = set(), []
+            for b, (row, token) in enumerate(zip(live, tokens, strict=True)):
+                if token in eos:
+                    ended.add(b)
+                    continue
+                generated[row].append(token)
+                if len(generated[row]) >= max_new_tokens:
+                    ended.add(b)
+                elif stop:
+                    growing.append(b)
+            if growing:  # only the tail that can hold a stop string, not the whole text each step
+                texts = tokenizer.batch_decode([generated[live[b]][-window:] for b in growing],
+                                               skip_special_tokens=True)
+                ended.update(b for b, t in zip(growing, texts, strict=True) if any(s in t for s in stop))
+            keep = [b for b in range(len(live)) if b not in ended]
+            if not keep:
+                break
+            if ended:
+                idx = torch.tensor(keep, device=device)
+                cache.batch_select_indices(idx)
+                mask, step_pos = mask.index_select(0, idx), step_pos.index_select(0, idx)
+                live, tokens = [live[b] for b in keep], [tokens[b] for b in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
+            out = model(input_ids=torch.tensor(tokens, device=device).unsqueeze(-1), attention_mask=mask,
+                        position_ids=step_pos, past_key_values=cache, use_cache=True)
+            step_pos = step_pos + 1
+    return generated
 
 # --- extractors: the answer inside a generated (or reference) text ------------------------------
 

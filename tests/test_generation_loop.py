@@ -1,0 +1,93 @@
+"""taxon's own greedy loop on `tiny`: rows that end at different steps decode as they do alone, an
+ended row leaves the batch (the forward passes shrink), and a stop string is caught wherever it
+falls across token boundaries."""
+
+from __future__ import annotations
+
+import pytest
+from test_generation import PROMPTS, reference_greedy
+
+from taxon.evals.generation import generate
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def unstopped(tiny_model):
+    model, tok = tiny_model
+    return [reference_greedy(model, tok, p, MAX_NEW) for p in PROMPTS]
+
+
+def staggered_stop(tok, unstopped) -> str:
+    """A stop string the first prompt's continuation reaches about halfway, so its row ends while
+    the others (which reach it later or never) go on."""
+    full = tok.decode(unstopped[0], skip_special_tokens=True)
+    return full[len(full) // 2 : len(full) // 2 + 3]
+
+
+def expected(tok, tokens: list[int], stop: str) -> tuple[str, int]:
+    """(text, new_tokens) of a row, by hand: the first prefix of its greedy tokens whose text holds
+    the stop string ends it; the text is cut where the stop string starts."""
+    for n in range(1, len(tokens) + 1):
+        text = tok.decode(tokens[:n], skip_special_tokens=True)
+        if stop in text:
+            return text[: text.index(stop)], n
+    return tok.decode(tokens, skip_special_tokens=True), len(tokens)
+
+
+def test_rows_ending_at_different_steps_decode_as_alone(tiny_model, unstopped):
+    model, tok = tiny_model
+    stop = staggered_stop(tok, unstopped)
+    want = [expected(tok, tokens, stop) for tokens in unstopped]
+    assert len({n for _, n in want}) > 1  # the rows do end at different steps
+    for batch_size in (1, len(PROMPTS)):
+        got = generate(model, tok, PROMPTS, max_new_tokens=MAX_NEW, stop=[stop], batch_size=batch_size)
+        assert [(g.text, g.new_tokens) for g in got] == want
+
+
+def test_ended_rows_leave_the_batch(tiny_model, unstopped):
+    model, tok = tiny_model
+    stop = staggered_stop(tok, unstopped)
+    sizes: list[int] = []
+
+    def record(module, args, kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        got = generate(model, tok, PROMPTS, max_new_tokens=MAX_NEW, stop=[stop], batch_size=len(PROMPTS),
+                       share_prefix=False)
+    finally:
+        hook.remove()
+    lengths = [g.new_tokens for g in got]
+    assert len(set(lengths)) > 1
+    # One pass over the prompts, then step k feeds the k-th token of every row that has not ended
+    # (a row ends on its stop string or at MAX_NEW, after its last token: none here meets EOS).
+    assert sizes == [len(PROMPTS)] + [sum(n > k for n in lengths) for k in range(1, max(lengths))]
+    assert sizes[-1] < sizes[0]
+
+
+@pytest.mark.parametrize("span", [2, 4])
+def test_stop_string_across_tokens_is_caught(tiny_model, unstopped, span):
+    """A stop string from the last character of one generated token to the first character of the
+    token `span - 1` later: only the text of several tokens together holds it."""
+    model, tok = tiny_model
+    tokens = unstopped[0]
+    full = tok.decode(tokens, skip_special_tokens=True)
+
+    def chars(n: int) -> int:  # characters the first n tokens decode to
+        text = tok.decode(tokens[:n], skip_special_tokens=True)
+        assert full.startswith(text)
+        return len(text)
+
+    for k in range(len(tokens) - span + 1, 0, -1):
+        last = k + span - 2  # the token that completes the stop string
+        start, end = chars(k) - 1, chars(last) + 1
+        stop = full[start:end]
+        if (chars(k - 1) <= start and chars(last + 1) >= end and stop.strip()
+                and stop not in full[: end - 1]):
+            break
+    else:
+        pytest.fail("no stop string to cut from the continuation")
+    got = generate(model, tok, PROMPTS[:1], max_new_tokens=MAX_NEW, stop=[stop])[0]
+    assert (got.text, got.new_tokens) == (full[:start], last + 1)
