@@ -88,6 +88,28 @@ def test_ner_entity_f1_hand_case():
     assert value == pytest.approx(seqeval_f1(golds, preds)) == pytest.approx(2 * 3 / (6 + 5))
 
 
+
+def test_the_report_recomputes_entity_f1_on_any_subset_of_sentences(tmp_path):
+    """The report's intervals and transfer matrix resample sentences: entity F1 on a subset is the
+    micro F1 of that subset's summed counts, and on every sentence the stored value."""
+    from taxon.evals.evaluate import TaskResult
+    from taxon.report.arms import item_stat
+    from taxon.study.store import Store
+
+    counts = [(2, 4, 4), (1, 1, 1), (0, 1, 0), (0, 0, 3)]
+    golds = [["B-PER"] * g for _, _, g in counts]  # only the counts matter to the report
+    value = 2 * 3 / (6 + 8)
+    store = Store(tmp_path / "s.sqlite")
+    preds = [{"idx": i, "gold": "", "pred": "", "scores": {"output": "", "entities": dict(
+        zip(("correct", "predicted", "gold"), c, strict=True))}} for i, c in enumerate(counts)]
+    store.add_result("m", "ek", TaskResult("ner", 4, 4, 0, {"entity_f1": {"value": value}}, preds))
+    (result,) = store.results("m")
+    stat = item_stat(store, result, "entity_f1")
+    assert stat is not None and stat.n == len(golds)
+    assert stat(np.arange(4)) == pytest.approx(value)
+    assert stat(np.array([0, 1])) == pytest.approx(2 * 3 / (5 + 5))
+    assert stat(np.array([3, 3])) == 0.0
+
 def test_ner_gold_is_the_tags(merged):
     task = get_task("ner")
     card = get_card(task.dataset)

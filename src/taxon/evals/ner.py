@@ -63,7 +63,8 @@ def entity_counts(gold: Sequence[str], pred: Sequence[str]) -> tuple[int, int, i
     return len(g & p), len(p), len(g)
 
 
-def _f1(counts: np.ndarray) -> float:
+def micro_f1(counts: np.ndarray) -> float:
+    """Entity F1 from (correct, predicted, gold) counts: one sentence's, or summed over rows."""
     tp, n_pred, n_gold = counts.sum(axis=0) if counts.ndim == 2 else counts
     return float(2 * tp / (n_pred + n_gold)) if n_pred + n_gold else 0.0
 
@@ -77,7 +78,7 @@ def entity_report(golds: Sequence[Sequence[str]], preds: Sequence[Sequence[str]]
     golds, preds = [list(g) for g in golds], [list(p) for p in preds]
     value = float(f1_score(golds, preds, zero_division=0)) if golds else 0.0
     counts = np.array([entity_counts(g, p) for g, p in zip(golds, preds, strict=True)], dtype=float)
-    low, high = bootstrap_ci(lambda idx: _f1(counts[idx]), len(counts), seed, n_resamples)
+    low, high = bootstrap_ci(lambda idx: micro_f1(counts[idx]), len(counts), seed, n_resamples)
     per_type = classification_report(golds, preds, output_dict=True, zero_division=0) if golds else {}
     return {
         "entity_f1": {"value": value, "low": low, "high": high},

@@ -14,6 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from taxon.evals.metrics import UNPARSED, scalar_metrics
+from taxon.evals.ner import micro_f1
 from taxon.evals.tasks import get_task
 from taxon.report import stats
 from taxon.study.load import arm_of
@@ -112,6 +113,12 @@ def item_stat(store: Store, result: dict, metric: str) -> ItemStat | None:
         if metric == "perplexity":
             return ItemStat(len(preds), lambda idx: float(np.exp(nll[idx].sum() / tok[idx].sum())))
         return None
+    if metric == "entity_f1":  # micro F1 over entities: sum the sentences' counts, then divide
+        if not all(isinstance(p["scores"], dict) and "entities" in p["scores"] for p in preds):
+            return None
+        counts = np.asarray([[p["scores"]["entities"][k] for k in ("correct", "predicted", "gold")]
+                             for p in preds], dtype=float)
+        return ItemStat(len(preds), lambda idx: micro_f1(counts[idx]))
     values = [p["scores"].get(metric) if isinstance(p["scores"], dict) else None for p in preds]
     if any(not isinstance(v, int | float) for v in values):
         return None
