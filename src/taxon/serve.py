@@ -30,10 +30,11 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from transformers import StoppingCriteria
 
 from taxon.adapter_set import AdapterSet, adapter_base, same_base
 from taxon.errors import TaxonError
-from taxon.evals.generation import _eos_ids, _StopStrings, cut_at_stop
+from taxon.evals.generation import _eos_ids, cut_at_stop
 from taxon.identity import model_identity
 from taxon.models import load_model
 
@@ -148,6 +149,19 @@ def _logprobs_of(s: Served, ids: list[int]) -> torch.Tensor:
 def _top(s: Served, row: torch.Tensor, k: int) -> list[tuple[int, float]]:
     values, idx = row.topk(k)
     return list(zip(idx.tolist(), values.tolist(), strict=True))
+
+
+class _StopStrings(StoppingCriteria):
+    """Stop once the generated text (after column `start`) holds a stop string. The server decodes
+    one request at a time through `model.generate`, which also hands back each step's logits for
+    `logprobs`; the evaluations' batched loop (evals/generation.py) checks stops its own way."""
+
+    def __init__(self, tokenizer, stop: list[str], start: int):
+        self.tokenizer, self.stop, self.start = tokenizer, [s for s in stop if s], start
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
 def _generate(s: Served, ids: list[int], max_tokens: int, stop: list[str]):
