@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from taxon.evals.metrics import NUMBER
-from taxon.evals.scoring import CacheRows, encode_prefixes, prefix_chunks
+from taxon.evals.scoring import CacheRows, encode_prefixes, left_pad, prefix_chunks
 
 
 @dataclass(frozen=True)
@@ -126,13 +126,8 @@ def _decode(model, tokenizer, rows: list[list[int]], past: CacheRows | None,
     if max_new_tokens <= 0:
         return [[] for _ in rows]
     device = next(model.parameters()).device
-    width = max(len(new) for new in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for row, new in enumerate(rows):
-        ids[row, width - len(new) :] = torch.tensor(new)
-        mask[row, width - len(new) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_pad(rows, pad_id, device)
+    width = ids.shape[1]
     cache = None  # without a prefix the model makes its own (a config-aware DynamicCache)
     if past is not None:
         mask, cache = torch.cat([past.mask, mask], dim=-1), past.cache

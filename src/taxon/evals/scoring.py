@@ -51,6 +51,18 @@ class _Context:
         return self.ids[self.prefix :] + self.tail
 
 
+
+def left_pad(seqs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists left-padded to the longest, and the mask of their real tokens (the scorer's and
+    the generator's one batch layout)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s) :] = torch.tensor(s)
+        mask[row, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
 def _plan(requests) -> list[_Context]:
     by_ctx: dict[Tokens, _Context] = {}
     for i, (ctx, cont) in enumerate(requests):
@@ -168,13 +180,7 @@ def _forward(model, seqs: list[Tokens], pad_id: int, keep: int, past: CacheRows 
     log-probabilities at the last `keep` positions [rows, keep, vocab] (float32, on CPU) and,
     if asked, the rows' cache."""
     device = next(model.parameters()).device
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s) :] = torch.tensor(s)
-        mask[row, width - len(s) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_pad(seqs, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     full_mask, lengths = mask, mask.sum(-1)
     if past is not None:
