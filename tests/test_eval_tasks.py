@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -178,3 +181,24 @@ def test_perplexity_windows_fit_the_models_context(tiny_model):
     r = evaluate_task(model, tok, task, limit=1)
     assert r.metrics["settings"]["max_length"] == model.config.max_position_embeddings == 1024
     assert r.predictions[0]["scores"]["tokens"] == 1023
+
+
+OPEN_AT = """import sys, time
+from taxon.study.store import Store
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+Store(sys.argv[1]).close()
+"""
+
+
+def test_many_processes_open_a_new_store_at_once(tmp_path):
+    """Runs that start together on one new store all open it: creating the tables and adding the
+    later columns happen under one write lock, so no two add the same column."""
+    for attempt in range(4):
+        path, start = tmp_path / f"shared{attempt}.sqlite", time.time() + 1.5
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, str(path), str(start)],
+                                  stderr=subprocess.PIPE, text=True) for _ in range(8)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, errors
+        db = sqlite3.connect(path)
+        assert {"eval_keys", "run_id"} <= {r[1] for r in db.execute("PRAGMA table_info(experiments)")}
+        db.close()

@@ -109,18 +109,45 @@ class Store:
             raise TaxonError(f"cannot create the folder of results store {self.path} ({e.strerror}); "
                              "pass another --store") from e
         try:
-            self.db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S)
+            self.db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.executescript(SCHEMA)
+            self._use_wal()
+            self._create_and_migrate()
+            self.db.isolation_level = ""  # later writes: one implicit transaction each (_write)
+        except sqlite3.Error as e:
+            raise _problem(self.path, e) from e
+
+    def _use_wal(self) -> None:
+        """Switch to WAL. Turning a new file into WAL needs it alone, and SQLite answers "locked"
+        at once there rather than waiting, so runs that open one new store together retry."""
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _create_and_migrate(self) -> None:
+        """Tables and later columns, under the write lock: runs that open one new store at the
+        same moment would otherwise each see a column missing and each add it (the second fails
+        with "duplicate column name")."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self.db.execute(statement)
             for table, columns in ADDED_COLUMNS.items():
                 have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
                 for name, kind in columns:
                     if name not in have:
                         self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-            self.db.commit()
-        except sqlite3.Error as e:
-            raise _problem(self.path, e) from e
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
