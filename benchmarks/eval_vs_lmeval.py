@@ -32,24 +32,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from lmeval_sides import peak_mb, rss_mb, spawn
+from lmeval_sides import run_lmeval as run_lmeval_task
+
 TARGETS = {"fpb": 1.2, "tfns": 2.5, "mmlu": 3.0}  # taxon docs/s over lm-eval docs/s
 MAX_NATS = 1e-3
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def hub_label_card(folder: Path) -> None:
@@ -141,44 +133,15 @@ metric_list:
 
 
 def run_lmeval(model_dir: str, path: Path, batch_size: int) -> dict:
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     name = f"taxon_bench_{path.stem}"
-    folder = Path(tempfile.mkdtemp(prefix="lmeval-tasks-"))
-    (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, path=path))
-    lm = HFLM(pretrained=model_dir, dtype="float32", batch_size=batch_size, device="cpu")
-    timing = {}
-    inner = lm.loglikelihood
-
-    def timed(requests, *a, **kw):
-        timing["before"] = rss_mb()
-        t0 = time.perf_counter()
-        res = inner(requests, *a, **kw)
-        timing["seconds"] = time.perf_counter() - t0
-        return res
-
-    lm.loglikelihood = timed
-    results = lm_eval.simple_evaluate(model=lm, tasks=[name], log_samples=True, bootstrap_iters=0,
-                                      task_manager=TaskManager(include_path=str(folder)))
-    samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
-    scores = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-    return {"scores": scores, "seconds": timing["seconds"], "rss_before_mb": timing["before"],
-            "peak_mb": peak_mb()}
+    samples, timing = run_lmeval_task(model_dir, name, TASK_YAML.format(name=name, path=path),
+                                      batch_size, "loglikelihood")
+    return {"scores": [[float(r[0]) for r in s["filtered_resps"]] for s in samples], **timing}
 
 
 def child(side: str, model_dir: str, path: Path, batch_size: int, out: Path) -> None:
     run = run_taxon if side == "taxon" else run_lmeval
     out.write_text(json.dumps(run(model_dir, path, batch_size)))
-
-
-def spawn(side: str, model_dir: str, path: Path, batch_size: int, folder: Path) -> dict:
-    out = folder / f"{path.stem}-{side}.json"
-    cmd = [sys.executable, __file__, "--child", side, "--model-dir", model_dir, "--items", str(path),
-           "--batch-size", str(batch_size), "--out", str(out)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if side == "lmeval" else None)
-    return json.loads(out.read_text())
 
 
 def compare(name: str, items: list[dict], t: dict, lm: dict) -> dict:
@@ -228,8 +191,8 @@ def main() -> None:
     rows = []
     for name, path in export(args, folder).items():
         items = read_items(path)
-        t = spawn("taxon", model_dir, path, args.batch_size, folder)
-        lm = spawn("lmeval", model_dir, path, args.batch_size, folder)
+        t = spawn(__file__, "taxon", model_dir, path, args.batch_size, folder)
+        lm = spawn(__file__, "lmeval", model_dir, path, args.batch_size, folder)
         rows.append(compare(name, items, t, lm))
         r = rows[-1]
         print(f"{name}: taxon {r['taxon_docs_s']:.2f} docs/s, lm-eval {r['lmeval_docs_s']:.2f} docs/s "

@@ -32,23 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from lmeval_sides import peak_mb, rss_mb, spawn
+from lmeval_sides import run_lmeval as run_lmeval_task
+
 TARGET = 2.0  # taxon items/s over lm-eval items/s, on every task
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def export(args, folder: Path) -> dict[str, Path]:
@@ -125,48 +117,21 @@ metric_list:
 
 
 def run_lmeval(model_dir: str, path: Path, batch_size: int) -> dict:
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     settings, _ = read_items(path)
     name = f"taxon_gen_bench_{path.stem}"
-    folder = Path(tempfile.mkdtemp(prefix="lmeval-tasks-"))
     # lm-eval reads the items (without the settings line) from a file of their own
-    data = folder / "items.jsonl"
+    data = path.with_name(f"{path.stem}-items.jsonl")
     data.write_text("".join(path.read_text().splitlines(keepends=True)[1:]))
-    (folder / f"{name}.yaml").write_text(TASK_YAML.format(
-        name=name, path=data, stop=json.dumps(settings["stop"]), max_new_tokens=settings["max_new_tokens"]))
-    lm = HFLM(pretrained=model_dir, dtype="float32", batch_size=batch_size, device="cpu")
-    timing = {}
-    inner = lm.generate_until
-
-    def timed(requests, *a, **kw):
-        timing["before"] = rss_mb()
-        t0 = time.perf_counter()
-        res = inner(requests, *a, **kw)
-        timing["seconds"] = time.perf_counter() - t0
-        return res
-
-    lm.generate_until = timed
-    results = lm_eval.simple_evaluate(model=lm, tasks=[name], log_samples=True, bootstrap_iters=0,
-                                      task_manager=TaskManager(include_path=str(folder)))
-    samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
+    task_yaml = TASK_YAML.format(name=name, path=data, stop=json.dumps(settings["stop"]),
+                                 max_new_tokens=settings["max_new_tokens"])
+    samples, timing = run_lmeval_task(model_dir, name, task_yaml, batch_size, "generate_until")
     return {"texts": [s["resps"][0][0] for s in samples], "prompts": [s["arguments"][0][0] for s in samples],
-            "seconds": timing["seconds"], "rss_before_mb": timing["before"], "peak_mb": peak_mb()}
+            **timing}
 
 
 def child(side: str, model_dir: str, path: Path, batch_size: int, out: Path) -> None:
     run = run_taxon if side == "taxon" else run_lmeval
     out.write_text(json.dumps(run(model_dir, path, batch_size)))
-
-
-def spawn(side: str, model_dir: str, path: Path, batch_size: int, folder: Path) -> dict:
-    out = folder / f"{path.stem}-{side}.json"
-    cmd = [sys.executable, __file__, "--child", side, "--model-dir", model_dir, "--items", str(path),
-           "--batch-size", str(batch_size), "--out", str(out)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if side == "lmeval" else None)
-    return json.loads(out.read_text())
 
 
 def compare(name: str, t: dict, lm: dict) -> dict:
@@ -212,8 +177,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="taxon-gen-vs-lmeval-"))
     rows = []
     for name, path in export(args, folder).items():
-        t = spawn("taxon", model_dir, path, args.batch_size, folder)
-        lm = spawn("lmeval", model_dir, path, args.batch_size, folder)
+        t = spawn(__file__, "taxon", model_dir, path, args.batch_size, folder)
+        lm = spawn(__file__, "lmeval", model_dir, path, args.batch_size, folder)
         rows.append(compare(name, t, lm))
         r = rows[-1]
         print(f"{name}: taxon {r['taxon_items_s']:.3f} items/s, lm-eval {r['lmeval_items_s']:.3f} items/s "

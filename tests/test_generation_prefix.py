@@ -95,3 +95,22 @@ def test_truncated_prompts_with_a_shared_prefix(tiny_model):
     assert texts(shared) == texts(plain)
     assert [g.truncated for g in shared] == [True, True, True, False, False]
     assert all(g.prompt_tokens == budget for g in shared[:3])
+
+
+OTHER_DEMOS = ("Sentence: Net sales rose 5 % in the quarter.\nSentiment: positive\n\n"
+               "Sentence: The company cut 200 jobs.\nSentiment: negative\n\n")
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "tiny-gpt2", "tiny-gemma3"])
+def test_two_prefixes_in_one_batch(name, data_dir):
+    """Rows of one batch continuing two different prefixes (each row gets its own prefix's cache
+    rows) decode as every prompt encoded in full. The random tiny models repeat one token whatever
+    the prompt; smollm2-135m's rows all differ, so a row that read the other prefix would show."""
+    model, tok = load_model(name, device="cpu")
+    prompts = [demos + q for q in QUESTIONS[:4] for demos in (DEMOS, OTHER_DEMOS)]
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert [len([run for run in chunk if run[0]]) for chunk in prefix_chunks(encoded, 8)] == [2]
+    plain = generate(model, tok, prompts, max_new_tokens=16, batch_size=8, share_prefix=False)
+    assert texts(generate(model, tok, prompts, max_new_tokens=16, batch_size=8)) == texts(plain)
+    if name == "smollm2-135m":
+        assert len({g.text for g in plain}) == len(prompts)
