@@ -51,7 +51,6 @@ class _Context:
         return self.ids[self.prefix :] + self.tail
 
 
-
 def left_pad(seqs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists left-padded to the longest, and the mask of their real tokens (the scorer's and
     the generator's one batch layout)."""
@@ -62,6 +61,7 @@ def left_pad(seqs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         ids[row, width - len(s) :] = torch.tensor(s)
         mask[row, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
+
 
 def _plan(requests) -> list[_Context]:
     by_ctx: dict[Tokens, _Context] = {}

@@ -109,11 +109,10 @@ class Store:
             raise TaxonError(f"cannot create the folder of results store {self.path} ({e.strerror}); "
                              "pass another --store") from e
         try:
-            self.db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
+            self.db = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S)
             self.db.row_factory = sqlite3.Row
             self._use_wal()
             self._create_and_migrate()
-            self.db.isolation_level = ""  # later writes: one implicit transaction each (_write)
         except sqlite3.Error as e:
             raise _problem(self.path, e) from e
 
@@ -134,8 +133,8 @@ class Store:
         """Tables and later columns, under the write lock: runs that open one new store at the
         same moment would otherwise each see a column missing and each add it (the second fails
         with "duplicate column name")."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        self.db.execute("BEGIN IMMEDIATE")  # DDL opens no implicit transaction: this one holds it all
+        with self.db:  # commit, or roll back on any error
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self.db.execute(statement)
@@ -144,10 +143,6 @@ class Store:
                 for name, kind in columns:
                     if name not in have:
                         self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def close(self) -> None:
         self.db.close()
