@@ -1,6 +1,6 @@
 """taxon's own greedy loop on `tiny`: rows that end at different steps decode as they do alone, an
-ended row leaves the batch (the forward passes shrink), and a stop string is caught wherever it
-falls across token boundaries."""
+ended row leaves the batch (the forward passes shrink), waiting prompts join the rows still
+decoding, and a stop string is caught wherever it falls across token boundaries."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_rows_ending_at_different_steps_decode_as_alone(tiny_model, unstopped):
     stop = staggered_stop(tok, unstopped)
     want = [expected(tok, tokens, stop) for tokens in unstopped]
     assert len({n for _, n in want}) > 1  # the rows do end at different steps
-    for batch_size in (1, len(PROMPTS)):
+    for batch_size in (1, 2, 3, len(PROMPTS)):
         got = generate(model, tok, PROMPTS, max_new_tokens=MAX_NEW, stop=[stop], batch_size=batch_size)
         assert [(g.text, g.new_tokens) for g in got] == want
 
@@ -65,6 +65,31 @@ def test_ended_rows_leave_the_batch(tiny_model, unstopped):
     # (a row ends on its stop string or at MAX_NEW, after its last token: none here meets EOS).
     assert sizes == [len(PROMPTS)] + [sum(n > k for n in lengths) for k in range(1, max(lengths))]
     assert sizes[-1] < sizes[0]
+
+
+def test_waiting_prompts_join_rows_still_decoding(tiny_model, unstopped):
+    """With a batch of 2 and 4 prompts, the prompts after the first two join as rows end: a pass
+    over joining prompts (several tokens each) is followed by steps with more rows than it had,
+    the rows already decoding and the new ones together."""
+    model, tok = tiny_model
+    stop = staggered_stop(tok, unstopped)
+    passes: list[tuple[int, int]] = []
+
+    def record(module, args, kwargs):
+        passes.append(tuple(kwargs["input_ids"].shape))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        got = generate(model, tok, PROMPTS, max_new_tokens=MAX_NEW, stop=[stop], batch_size=2,
+                       share_prefix=False)
+    finally:
+        hook.remove()
+    assert [(g.text, g.new_tokens) for g in got] == [expected(tok, t, stop) for t in unstopped]
+    joins = [k for k, (rows, width) in enumerate(passes) if width > 1]
+    assert len(joins) >= 2 and passes[joins[0]][0] == 2  # the first two start together
+    later = [k for k in joins[1:] if k + 1 < len(passes)]
+    assert any(passes[k + 1][0] > passes[k][0] for k in later)  # joined rows decode beside others
+    assert max(rows for rows, _ in passes) <= 2
 
 
 @pytest.mark.parametrize("span", [2, 4])

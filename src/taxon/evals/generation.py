@@ -8,23 +8,27 @@ own tokens are encoded. Within a group, prompts are sorted by what remains (long
 left-padded, with an attention mask that hides the padding (a row is [padding, prefix, padding,
 own tokens]); position ids come from that mask, so a prompt decodes the same alone, in a batch,
 or after a shared prefix (tests compare the three). Decoding is taxon's own greedy loop, not
-`model.generate`: one pass encodes a batch's own tokens, then each step feeds one token per live
-row. A row ends at EOS, at `max_new_tokens`, or once its generated text holds a stop string (only
-the last few tokens, enough to hold the longest stop string, are decoded to check), and leaves the
-batch there: its cache rows are dropped, so later steps cost only what the rows still generating
-cost. The decoded text is then cut at the first stop string. A prompt longer than the model's
-context minus `max_new_tokens` loses its oldest tokens (few-shot demonstrations first), as
-lm-evaluation-harness does, before prefixes are looked for; `Generation.truncated` says when.
+`model.generate`: one pass encodes the joining rows' own tokens, then each step feeds one token per
+live row. A row ends at EOS, at `max_new_tokens`, or once its generated text holds a stop string,
+and leaves the batch there; the next prompts join the rows still decoding (continuous batching),
+so the batch stays full instead of running down to its longest row. The cache grows in place
+rather than by concatenation. The decoded text is then cut at the first stop string. A prompt
+longer than the model's context minus `max_new_tokens` loses its oldest tokens (few-shot
+demonstrations first), as lm-evaluation-harness does, before prefixes are looked for;
+`Generation.truncated` says when.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicLayer
 
 from taxon.evals.metrics import NUMBER
 from taxon.evals.scoring import CacheRows, encode_prefixes, left_pad, prefix_chunks
@@ -75,7 +79,7 @@ def generate(
     if any(len(ids) == 0 for ids in encoded):
         raise ValueError("empty prompt: give at least one token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
+    rule = _Ending(tokenizer, _eos_ids(model, tokenizer), max_new_tokens, stop)
     chunks = (prefix_chunks(encoded, batch_size) if share_prefix
               else [[(0, list(range(len(encoded))))]])
     out: list[Generation | None] = [None] * len(encoded)
@@ -89,86 +93,255 @@ def generate(
         shared = {i: p for p, members in chunk for i in members}
         items = sorted((i for _, members in chunk for i in members),
                        key=lambda i: len(encoded[i]) - shared[i], reverse=True)
-        for start in range(0, len(items), batch_size):
-            batch = items[start : start + batch_size]
-            past = prefixes.select([parent[i] for i in batch]) if prefixes is not None else None
-            rows = [encoded[i][shared[i] :] for i in batch]  # the prefix's part is in `past`
-            for i, generated in zip(batch, _decode(model, tokenizer, rows, past, pad_id, eos_ids,
-                                                   max_new_tokens, stop, bf16), strict=True):
-                text = tokenizer.decode(generated, skip_special_tokens=True)
-                out[i] = Generation(cut_at_stop(text, stop), len(encoded[i]), len(generated), truncated[i])
-            bar.update(len(batch))
+        queue = [(i, encoded[i][shared[i] :]) for i in items]  # the prefix's part is in its cache row
+
+        def past(batch: list[int], prefixes=prefixes, parent=parent) -> CacheRows | None:
+            return prefixes.select([parent[i] for i in batch]) if prefixes is not None else None
+
+        for i, generated in _decode(model, queue, past, pad_id, rule, batch_size, bf16):
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            out[i] = Generation(cut_at_stop(text, stop), len(encoded[i]), len(generated), truncated[i])
+            bar.update(1)
     bar.close()
     return out  # type: ignore[return-value]
 
 
-def _stop_window(stop: Sequence[str]) -> int:
-    """How many trailing tokens can hold any stop string: every token that shares in a stop string
-    adds at least one of its bytes (a character split over byte tokens included), and the margin
-    keeps a token whose decoded form depends on the one before it (a leading space) off the edge."""
-    return max((len(s.encode()) for s in stop), default=0) + 4
+class _Ending:
+    """When a row's generation ends: EOS (not kept), `max_new_tokens`, or a stop string in its text
+    (the token that completes it is kept). Only the last few tokens, enough to hold the longest
+    stop string, are decoded to check: every token that shares in a stop string adds at least one
+    of its bytes (a character split over byte tokens included), and the margin keeps a token whose
+    decoded form depends on the one before it (a leading space) off the edge."""
+
+    def __init__(self, tokenizer, eos_ids: list[int], max_new_tokens: int, stop: Sequence[str]):
+        self.tokenizer, self.eos, self.max_new_tokens = tokenizer, set(eos_ids), max_new_tokens
+        self.stop = [s for s in stop if s]
+        self.window = max((len(s.encode()) for s in self.stop), default=0) + 4
+
+    def add(self, generated: list[list[int]], tokens: list[int]) -> set[int]:
+        """Appends each row's next token (unless it is EOS); the rows that have ended."""
+        ended, growing = set(), []
+        for row, token in enumerate(tokens):
+            if token in self.eos:
+                ended.add(row)
+                continue
+            generated[row].append(token)
+            if len(generated[row]) >= self.max_new_tokens:
+                ended.add(row)
+            elif self.stop:
+                growing.append(row)
+        if growing:  # only the tail that can hold a stop string, not the whole text each step
+            texts = self.tokenizer.batch_decode([generated[r][-self.window :] for r in growing],
+                                                skip_special_tokens=True)
+            ended.update(r for r, t in zip(growing, texts, strict=True) if any(s in t for s in self.stop))
+        return ended
 
 
-def _decode(model, tokenizer, rows: list[list[int]], past: CacheRows | None,
-            pad_id: int, eos_ids: list[int], max_new_tokens: int, stop: Sequence[str],
-            bf16: bool) -> list[list[int]]:
-    """The generated tokens of each row (its tokens after `past`'s prefix), up to its end: EOS (not
-    included), the token that completes a stop string (included) or `max_new_tokens`.
+class _GrowingLayer(DynamicLayer):
+    """A cache layer whose keys and values are views of the first columns of a larger buffer, so a
+    decode step writes its token's keys and values in place. `DynamicLayer` concatenates instead:
+    a copy of every layer's whole cache per step, about a quarter of a decode step of smollm2-135m
+    on a CPU (the weights are read once per step whatever the rows; the copy grows with them)."""
 
-    A row is laid out as [padding, prefix, padding, new tokens]: the prefix part is `past`'s own
-    padded layout (its keys and values are already in the cache), the new tokens are left-padded
-    to the batch's longest and encoded in one pass that keeps only the last position's logits.
-    Position ids come from the mask (its running count of real tokens, as `model.generate` derives
-    them), so every real token keeps the position it has alone. Each step then feeds one greedy
-    token per live row; a row that ends leaves the batch (its inputs, mask, positions and cache
-    rows are dropped), since a decode step's cost grows with its rows and a finished row would
-    otherwise be carried to the batch's last."""
-    if max_new_tokens <= 0:
-        return [[] for _ in rows]
+    reserve = 64  # columns of room added when the buffer is (re)made
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # [rows, heads, capacity, dim]
+
+    @classmethod
+    def adopt(cls, layer: DynamicLayer, reserve: int) -> _GrowingLayer:
+        new = cls.__new__(cls)
+        new.__dict__.update(layer.__dict__)
+        new.reserve, new.buffers = reserve, None
+        return new
+
+    def _in_buffer(self) -> bool:
+        b = self.buffers
+        return (b is not None and b[0].shape[0] == self.keys.shape[0]
+                and b[0].data_ptr() == self.keys.data_ptr())
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n, w = self.keys.shape[-2], key_states.shape[-2]
+        if not self._in_buffer() or n + w > self.buffers[0].shape[-2]:
+            def room(t: torch.Tensor) -> torch.Tensor:
+                b = t.new_empty(t.shape[0], t.shape[1], n + w + self.reserve, t.shape[3])
+                b[:, :, :n] = t
+                return b
+            self.buffers = (room(self.keys), room(self.values))
+        keys, values = self.buffers
+        keys[:, :, n : n + w], values[:, :, n : n + w] = key_states, value_states
+        self.keys, self.values = keys[:, :, : n + w], values[:, :, : n + w]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self._in_buffer():
+            return super().batch_select_indices(indices)
+        n = self.keys.shape[-2]
+        self.buffers = tuple(b.index_select(0, indices) for b in self.buffers)
+        self.keys, self.values = self.buffers[0][:, :, :n], self.buffers[1][:, :, :n]
+
+
+def _mergeable(cache) -> bool:
+    """Whether every layer holds all of its rows' columns (no sliding window), so the columns line
+    up with the 2-D mask and rows of two caches can be put side by side."""
+    return all(type(layer) in (DynamicLayer, _GrowingLayer) for layer in cache.layers)
+
+
+@dataclass
+class _Rows:
+    """Rows being decoded: their items, tokens so far, 2-D mask (every row right-aligned: the last
+    column is each row's latest token), next position ids and cache. A row is laid out as
+    [padding, prefix, padding, own tokens, generated tokens]."""
+
+    items: list[int]
+    generated: list[list[int]]
+    mask: torch.Tensor
+    positions: torch.Tensor  # [rows, 1]: the position id of each row's next token
+    cache: object
+    tokens: list[int]  # each row's latest token, fed by the next step
+
+    def keep(self, keep: list[int]) -> None:
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.positions = self.mask.index_select(0, idx), self.positions.index_select(0, idx)
+        self.items = [self.items[b] for b in keep]
+        self.generated = [self.generated[b] for b in keep]
+        self.tokens = [self.tokens[b] for b in keep]
+        # Columns that no row still reads (the padding of a long row that left) are dropped.
+        start = int(self.mask.any(0).int().argmax())
+        if start >= 16 and _mergeable(self.cache):
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def extend(self, other: _Rows) -> None:
+        """`other`'s rows after these, each side's columns left-padded to the longer's (keys and
+        values of zeros, masked)."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.items += other.items
+        self.generated += other.generated
+        self.tokens += other.tokens
+
+
+def _decode(model, queue: list[tuple[int, list[int]]], past, pad_id: int, rule: _Ending, batch_size: int,
+            bf16: bool):
+    """Yields (item, generated tokens) for every (item, own tokens) of `queue` as its row ends;
+    `past(items)` gives those items' prefix cache rows (or None).
+
+    Up to `batch_size` rows decode together. Rows join by one pass over their own tokens,
+    left-padded to the longest, continuing from their prefix's cache rows and keeping only the last
+    position's logits. Position ids come from the mask (its running count of real tokens, as
+    `model.generate` derives them), so every real token keeps the position it has alone. Each step
+    then feeds one greedy token per row. A row that ends leaves the batch (its inputs, mask,
+    positions and cache rows are dropped), and once a quarter of the batch is free the next items
+    join the rows still decoding, their cache and mask left-padded to a common width: a step reads
+    all the weights whatever its rows, so a batch kept full, rather than run down to its longest
+    row, is what makes items/s. Models with sliding-window layers (Gemma 2 and 3), whose cache
+    does not line up with the mask, start a new batch only when the last one has ended."""
+    if rule.max_new_tokens <= 0:
+        for i, _ in queue:
+            yield i, []
+        return
     device = next(model.parameters()).device
-    ids, mask = left_pad(rows, pad_id, device)
+    rows: _Rows | None = None
+    with (torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+          _vocab_in_slices(model, enabled=device.type == "cpu" and not bf16)):
+        while queue or rows is not None:
+            live = 0 if rows is None else len(rows.items)
+            free = batch_size - live
+            if queue and (live == 0 or (free >= max(1, batch_size // 4) and _mergeable(rows.cache))):
+                joined, queue = queue[:free], queue[free:]
+                new = _start(model, joined, past([i for i, _ in joined]), pad_id, device)
+                yield from _advance(new, rule)
+                if new.items:
+                    if rows is None:
+                        rows = new
+                    else:
+                        rows.extend(new)
+            if rows is None or not rows.items:
+                rows = None
+                continue
+            rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.items), 1))], dim=-1)
+            step = torch.tensor(rows.tokens, device=device).unsqueeze(-1)
+            out = model(input_ids=step, attention_mask=rows.mask, position_ids=rows.positions,
+                        past_key_values=rows.cache, use_cache=True)
+            rows.positions = rows.positions + 1
+            rows.tokens = out.logits[:, -1].float().argmax(-1).tolist()
+            yield from _advance(rows, rule)
+            if not rows.items:
+                rows = None
+
+
+VOCAB_SLICE = 1024  # rows of the vocabulary projection per matrix product
+
+
+@contextmanager
+def _vocab_in_slices(model, enabled: bool):
+    """The vocabulary projection computed in slices of its rows, for the block. A decode pass has
+    a few rows, and MKL's product of a few rows with a large matrix (smollm2-135m's 49,152 x 576)
+    runs on one core far below the memory bandwidth: 34-53 ms at 3-8 rows where 1,024-row slices
+    take 21-27 ms (AVX2, fp32), a fifth of a decode step. Every logit is the same dot product
+    either way (identical to the bit there; the generation tests compare outputs with and without
+    it). A head that is not a plain `Linear` (a LoRA layer on it) is left as it is."""
+    head = model.get_output_embeddings() if enabled else None
+    if type(head) is not torch.nn.Linear:
+        yield
+        return
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty(*x.shape[:-1], head.out_features)
+        for i in range(0, head.out_features, VOCAB_SLICE):
+            bias = None if head.bias is None else head.bias[i : i + VOCAB_SLICE]
+            out[..., i : i + VOCAB_SLICE] = F.linear(x, head.weight[i : i + VOCAB_SLICE], bias)
+        return out
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _start(model, joined: list[tuple[int, list[int]]], past: CacheRows | None, pad_id: int, device) -> _Rows:
+    """One pass over the joining rows' own tokens; their first greedy tokens."""
+    ids, mask = left_pad([own for _, own in joined], pad_id, device)
     width = ids.shape[1]
     cache = None  # without a prefix the model makes its own (a config-aware DynamicCache)
     if past is not None:
         mask, cache = torch.cat([past.mask, mask], dim=-1), past.cache
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -width:]
-    stop = [s for s in stop if s]
-    window, eos = _stop_window(stop), set(eos_ids)
-    generated: list[list[int]] = [[] for _ in rows]
-    live = list(range(len(rows)))  # the original row of each row of the shrinking batch
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache, step_pos = out.past_key_values, positions[:, -1:] + 1  # the last column is real
-        while True:
-            tokens = out.logits[:, -1].float().argmax(-1).tolist()
-            ended, growing = set(), []
-            for b, (row, token) in enumerate(zip(live, tokens, strict=True)):
-                if token in eos:
-                    ended.add(b)
-                    continue
-                generated[row].append(token)
-                if len(generated[row]) >= max_new_tokens:
-                    ended.add(b)
-                elif stop:
-                    growing.append(b)
-            if growing:  # only the tail that can hold a stop string, not the whole text each step
-                texts = tokenizer.batch_decode([generated[live[b]][-window:] for b in growing],
-                                               skip_special_tokens=True)
-                ended.update(b for b, t in zip(growing, texts, strict=True) if any(s in t for s in stop))
-            keep = [b for b in range(len(live)) if b not in ended]
-            if not keep:
-                break
-            if ended:
-                idx = torch.tensor(keep, device=device)
-                cache.batch_select_indices(idx)
-                mask, step_pos = mask.index_select(0, idx), step_pos.index_select(0, idx)
-                live, tokens = [live[b] for b in keep], [tokens[b] for b in keep]
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
-            out = model(input_ids=torch.tensor(tokens, device=device).unsqueeze(-1), attention_mask=mask,
-                        position_ids=step_pos, past_key_values=cache, use_cache=True)
-            step_pos = step_pos + 1
-    return generated
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.layers = [_GrowingLayer.adopt(layer, 64) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    return _Rows([i for i, _ in joined], [[] for _ in joined], mask, positions[:, -1:] + 1, cache,
+                 out.logits[:, -1].float().argmax(-1).tolist())
+
+
+def _advance(rows: _Rows, rule: _Ending):
+    """Adds each row's latest token; yields the rows that ended and drops them from `rows`."""
+    ended = rule.add(rows.generated, rows.tokens)
+    for b in sorted(ended):
+        yield rows.items[b], rows.generated[b]
+    if ended:
+        keep = [b for b in range(len(rows.items)) if b not in ended]
+        if keep:
+            rows.keep(keep)
+        else:
+            rows.items = []
 
 # --- extractors: the answer inside a generated (or reference) text ------------------------------
 
