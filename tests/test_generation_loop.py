@@ -5,9 +5,11 @@ decoding, and a stop string is caught wherever it falls across token boundaries.
 from __future__ import annotations
 
 import pytest
+import torch
 from test_generation import PROMPTS, reference_greedy
 
-from taxon.evals.generation import generate
+from taxon.evals.generation import _lookup, generate
+from taxon.evals.grouped_attention import grouped_queries
 
 MAX_NEW = 24
 
@@ -61,10 +63,12 @@ def test_ended_rows_leave_the_batch(tiny_model, unstopped):
         hook.remove()
     lengths = [g.new_tokens for g in got]
     assert len(set(lengths)) > 1
-    # One pass over the prompts, then step k feeds the k-th token of every row that has not ended
-    # (a row ends on its stop string or at MAX_NEW, after its last token: none here meets EOS).
-    assert sizes == [len(PROMPTS)] + [sum(n > k for n in lengths) for k in range(1, max(lengths))]
+    # One pass over the prompts, then steps (each adds one or more tokens to every row that has
+    # not ended): the rows only ever shrink, and the last passes run without the rows that ended.
+    assert sizes[0] == len(PROMPTS)
+    assert all(later <= earlier for earlier, later in zip(sizes, sizes[1:], strict=False))
     assert sizes[-1] < sizes[0]
+    assert len(sizes) - 1 < max(lengths)  # guessed tokens were accepted: fewer steps than tokens
 
 
 def test_waiting_prompts_join_rows_still_decoding(tiny_model, unstopped):
@@ -116,3 +120,38 @@ def test_stop_string_across_tokens_is_caught(tiny_model, unstopped, span):
         pytest.fail("no stop string to cut from the continuation")
     got = generate(model, tok, PROMPTS[:1], max_new_tokens=MAX_NEW, stop=[stop])[0]
     assert (got.text, got.new_tokens) == (full[:start], last + 1)
+
+
+@pytest.mark.parametrize(("seq", "most", "guess"), [
+    ([5, 6, 7, 8, 5, 6, 7], 3, [8, 5, 6]),  # the last 3 tokens seen before: what followed them
+    ([1, 2, 9, 1, 2, 3, 1, 2], 2, [3, 1]),  # the latest earlier occurrence wins
+    ([4, 9, 9, 1, 4], 4, [9, 9, 1, 4]),  # no 3- or 2-gram seen before: the last token alone
+    ([1, 2, 3], 2, []),  # nothing repeats: no guess
+    ([7, 7], 5, [7]),  # the guess stops at the end of the sequence
+])
+def test_lookup_guesses_what_followed_the_latest_match(seq, most, guess):
+    assert _lookup(seq, most) == guess
+
+
+def test_grouped_queries_equal_sdpa_on_a_pass_with_holes(tiny_model):
+    """A pass of several tokens per row over a cache with padding and holes: attention with the
+    query heads grouped under their key/value head gives transformers' SDPA result."""
+    model, _ = tiny_model
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    torch.manual_seed(0)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
+    mask[1, 6:8] = 0  # holes (rejected guesses)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = {}
+    for grouped in (False, True):
+        with torch.no_grad():
+            cache = model(input_ids=ids[:, :9], attention_mask=mask[:, :9], position_ids=positions[:, :9],
+                          use_cache=True).past_key_values
+            with grouped_queries(model, enabled=grouped):
+                out = model(input_ids=ids[:, 9:], attention_mask=mask, position_ids=positions[:, 9:],
+                            past_key_values=cache, use_cache=True)
+        logits[grouped] = out.logits
+    assert model.config._attn_implementation == "sdpa"  # set back after the block
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)

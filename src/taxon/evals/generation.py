@@ -8,14 +8,16 @@ own tokens are encoded. Within a group, prompts are sorted by what remains (long
 left-padded, with an attention mask that hides the padding (a row is [padding, prefix, padding,
 own tokens]); position ids come from that mask, so a prompt decodes the same alone, in a batch,
 or after a shared prefix (tests compare the three). Decoding is taxon's own greedy loop, not
-`model.generate`: one pass encodes the joining rows' own tokens, then each step feeds one token per
-live row. A row ends at EOS, at `max_new_tokens`, or once its generated text holds a stop string,
-and leaves the batch there; the next prompts join the rows still decoding (continuous batching),
-so the batch stays full instead of running down to its longest row. The cache grows in place
-rather than by concatenation. The decoded text is then cut at the first stop string. A prompt
-longer than the model's context minus `max_new_tokens` loses its oldest tokens (few-shot
-demonstrations first), as lm-evaluation-harness does, before prefixes are looked for;
-`Generation.truncated` says when.
+`model.generate`: one pass encodes the joining rows' own tokens, then each step feeds every live
+row's latest token and a few guessed ones, looked up where the text so far repeated itself or its
+prompt (prompt-lookup decoding), keeping the guesses the model's own greedy choice confirms: the
+same tokens as one per step, in fewer passes. A row ends at EOS, at `max_new_tokens`, or once
+its generated text holds a stop string, and leaves the batch there; the next prompts join the
+rows still decoding (continuous batching), so the batch stays full instead of running down to its
+longest row. The cache grows in place rather than by concatenation. The decoded text is then cut
+at the first stop string. A prompt longer than the model's context minus `max_new_tokens` loses
+its oldest tokens (few-shot demonstrations first), as lm-evaluation-harness does, before prefixes
+are looked for; `Generation.truncated` says when.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
+from taxon.evals.grouped_attention import grouped_queries
 from taxon.evals.metrics import NUMBER
 from taxon.evals.scoring import CacheRows, encode_prefixes, left_pad, prefix_chunks
 
@@ -93,7 +96,9 @@ def generate(
         shared = {i: p for p, members in chunk for i in members}
         items = sorted((i for _, members in chunk for i in members),
                        key=lambda i: len(encoded[i]) - shared[i], reverse=True)
-        queue = [(i, encoded[i][shared[i] :]) for i in items]  # the prefix's part is in its cache row
+        # (item, own tokens, whole prompt): the prefix's part is in its cache row; drafts are
+        # looked up in the whole prompt
+        queue = [(i, encoded[i][shared[i] :], encoded[i]) for i in items]
 
         def past(batch: list[int], prefixes=prefixes, parent=parent) -> CacheRows | None:
             return prefixes.select([parent[i] for i in batch]) if prefixes is not None else None
@@ -197,6 +202,7 @@ class _Rows:
     positions: torch.Tensor  # [rows, 1]: the position id of each row's next token
     cache: object
     tokens: list[int]  # each row's latest token, fed by the next step
+    prompts: list[list[int]]  # each row's whole prompt (drafts are looked up in it)
 
     def keep(self, keep: list[int]) -> None:
         idx = torch.tensor(keep, device=self.mask.device)
@@ -205,6 +211,7 @@ class _Rows:
         self.items = [self.items[b] for b in keep]
         self.generated = [self.generated[b] for b in keep]
         self.tokens = [self.tokens[b] for b in keep]
+        self.prompts = [self.prompts[b] for b in keep]
         # Columns that no row still reads (the padding of a long row that left) are dropped.
         start = int(self.mask.any(0).int().argmax())
         if start >= 16 and _mergeable(self.cache):
@@ -233,12 +240,13 @@ class _Rows:
         self.items += other.items
         self.generated += other.generated
         self.tokens += other.tokens
+        self.prompts += other.prompts
 
 
-def _decode(model, queue: list[tuple[int, list[int]]], past, pad_id: int, rule: _Ending, batch_size: int,
-            bf16: bool):
-    """Yields (item, generated tokens) for every (item, own tokens) of `queue` as its row ends;
-    `past(items)` gives those items' prefix cache rows (or None).
+def _decode(model, queue: list[tuple[int, list[int], list[int]]], past, pad_id: int, rule: _Ending,
+            batch_size: int, bf16: bool):
+    """Yields (item, generated tokens) for every (item, own tokens, whole prompt) of `queue` as its
+    row ends; `past(items)` gives those items' prefix cache rows (or None).
 
     Up to `batch_size` rows decode together. Rows join by one pass over their own tokens,
     left-padded to the longest, continuing from their prefix's cache rows and keeping only the last
@@ -251,7 +259,7 @@ def _decode(model, queue: list[tuple[int, list[int]]], past, pad_id: int, rule: 
     row, is what makes items/s. Models with sliding-window layers (Gemma 2 and 3), whose cache
     does not line up with the mask, start a new batch only when the last one has ended."""
     if rule.max_new_tokens <= 0:
-        for i, _ in queue:
+        for i, *_ in queue:
             yield i, []
         return
     device = next(model.parameters()).device
@@ -263,8 +271,8 @@ def _decode(model, queue: list[tuple[int, list[int]]], past, pad_id: int, rule: 
             free = batch_size - live
             if queue and (live == 0 or (free >= max(1, batch_size // 4) and _mergeable(rows.cache))):
                 joined, queue = queue[:free], queue[free:]
-                new = _start(model, joined, past([i for i, _ in joined]), pad_id, device)
-                yield from _advance(new, rule)
+                new = _start(model, joined, past([i for i, *_ in joined]), pad_id, device)
+                yield from _advance(new, rule, [[t] for t in new.tokens])
                 if new.items:
                     if rows is None:
                         rows = new
@@ -273,13 +281,7 @@ def _decode(model, queue: list[tuple[int, list[int]]], past, pad_id: int, rule: 
             if rows is None or not rows.items:
                 rows = None
                 continue
-            rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.items), 1))], dim=-1)
-            step = torch.tensor(rows.tokens, device=device).unsqueeze(-1)
-            out = model(input_ids=step, attention_mask=rows.mask, position_ids=rows.positions,
-                        past_key_values=rows.cache, use_cache=True)
-            rows.positions = rows.positions + 1
-            rows.tokens = out.logits[:, -1].float().argmax(-1).tolist()
-            yield from _advance(rows, rule)
+            yield from _advance(rows, rule, _step(model, rows, pad_id, device))
             if not rows.items:
                 rows = None
 
@@ -314,9 +316,10 @@ def _vocab_in_slices(model, enabled: bool):
         del head.forward
 
 
-def _start(model, joined: list[tuple[int, list[int]]], past: CacheRows | None, pad_id: int, device) -> _Rows:
+def _start(model, joined: list[tuple[int, list[int], list[int]]], past: CacheRows | None, pad_id: int,
+           device) -> _Rows:
     """One pass over the joining rows' own tokens; their first greedy tokens."""
-    ids, mask = left_pad([own for _, own in joined], pad_id, device)
+    ids, mask = left_pad([own for _, own, _ in joined], pad_id, device)
     width = ids.shape[1]
     cache = None  # without a prefix the model makes its own (a config-aware DynamicCache)
     if past is not None:
@@ -325,15 +328,80 @@ def _start(model, joined: list[tuple[int, list[int]]], past: CacheRows | None, p
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    cache.layers = [_GrowingLayer.adopt(layer, 64) if type(layer) is DynamicLayer else layer
+    cache.layers = [_GrowingLayer.adopt(layer, 128) if type(layer) is DynamicLayer else layer
                     for layer in cache.layers]
-    return _Rows([i for i, _ in joined], [[] for _ in joined], mask, positions[:, -1:] + 1, cache,
-                 out.logits[:, -1].float().argmax(-1).tolist())
+    return _Rows([i for i, *_ in joined], [[] for _ in joined], mask, positions[:, -1:] + 1, cache,
+                 out.logits[:, -1].float().argmax(-1).tolist(), [prompt for *_, prompt in joined])
 
 
-def _advance(rows: _Rows, rule: _Ending):
-    """Adds each row's latest token; yields the rows that ended and drops them from `rows`."""
-    ended = rule.add(rows.generated, rows.tokens)
+DRAFT = 4  # most draft tokens a row feeds beside its next token
+DRAFT_NGRAM = 3  # longest n-gram looked up (down to 1)
+
+
+def _lookup(seq: list[int], most: int) -> list[int]:
+    """Up to `most` tokens that followed the latest earlier occurrence of the last n tokens of
+    `seq` (n = DRAFT_NGRAM down to 1): the guess of prompt-lookup decoding. Greedy text often
+    repeats its prompt (entity names copied from the sentence, numbers from the question) or
+    itself (a list that loops until the token limit)."""
+    for n in range(DRAFT_NGRAM, 0, -1):
+        if len(seq) <= n:
+            continue
+        tail = seq[-n:]
+        for start in range(len(seq) - n - 1, -1, -1):
+            if seq[start : start + n] == tail:
+                return seq[start + n : start + n + most]
+    return []
+
+
+def _step(model, rows: _Rows, pad_id: int, device) -> list[list[int]]:
+    """One forward pass: each row's latest token, then up to DRAFT guessed tokens (`_lookup`);
+    each row's new greedy tokens.
+
+    The model's greedy token after the latest token is always new; each guess that equals the
+    model's greedy token at the position before it is accepted, and the model's token after the
+    last accepted guess is new too. So a row gains 1 to DRAFT + 1 tokens per pass, and they are
+    the tokens one-at-a-time greedy decoding gives: a guess is only ever checked, never kept
+    unchecked. The keys and values of the rejected guesses stay in the cache as masked columns
+    (holes, like padding) and positions skip them. A pass reads every weight once whatever its
+    width, and decode passes of a small model on a CPU are bound by that read, so checking a few
+    tokens costs far less than feeding them one per pass."""
+    # Holes need every layer to hold all its columns: no guesses with sliding-window layers.
+    draft = DRAFT if _mergeable(rows.cache) else 0
+    guesses = [_lookup(prompt + gen, draft) if draft else []
+               for prompt, gen in zip(rows.prompts, rows.generated, strict=True)]
+    width = 1 + max(len(g) for g in guesses)
+    ids = torch.tensor([[t, *g] + [pad_id] * (width - 1 - len(g))
+                        for t, g in zip(rows.tokens, guesses, strict=True)], device=device)
+    before = rows.mask.shape[1]
+    rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.items), width))], dim=-1)
+    positions = rows.positions + torch.arange(width, device=device)
+    with grouped_queries(model, enabled=width > 1):
+        out = model(input_ids=ids, attention_mask=rows.mask, position_ids=positions,
+                    past_key_values=rows.cache, use_cache=True)
+    greedy = out.logits.float().argmax(-1).tolist()
+    new, accepted = [], []
+    for g, best in zip(guesses, greedy, strict=True):
+        n = 0
+        while n < len(g) and g[n] == best[n]:
+            n += 1
+        new.append(best[: n + 1])
+        accepted.append(n)
+    if width > 1:  # the columns past each row's accepted guesses are holes
+        taken = torch.tensor(accepted, device=device).unsqueeze(-1)
+        columns = torch.arange(width, device=device)
+        rows.mask[:, before:] = (columns <= taken).to(rows.mask.dtype)
+    rows.positions = rows.positions + 1 + torch.tensor(accepted, device=device).unsqueeze(-1)
+    rows.tokens = [n[-1] for n in new]
+    return new
+
+
+def _advance(rows: _Rows, rule: _Ending, new: list[list[int]]):
+    """Adds each row's new tokens in order until it ends; yields the rows that ended and drops
+    them from `rows`."""
+    ended: set[int] = set()
+    for j in range(max(len(n) for n in new)):
+        on = [b for b, n in enumerate(new) if j < len(n) and b not in ended]
+        ended.update(on[k] for k in rule.add([rows.generated[b] for b in on], [new[b][j] for b in on]))
     for b in sorted(ended):
         yield rows.items[b], rows.generated[b]
     if ended:
