@@ -148,7 +148,7 @@ class _GrowingLayer(DynamicLayer):
     a copy of every layer's whole cache per step, about a quarter of a decode step of smollm2-135m
     on a CPU (the weights are read once per step whatever the rows; the copy grows with them)."""
 
-    reserve = 64  # columns of room added when the buffer is (re)made
+    reserve = 32  # columns of room added when the buffer is (re)made
     buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # [rows, heads, capacity, dim]
 
     @classmethod
@@ -176,18 +176,23 @@ class _GrowingLayer(DynamicLayer):
         self.keys, self.values = keys[:, :, : n + w], values[:, :, : n + w]
         return self.keys, self.values
 
+    def hold(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
+        """Buffers whose first `n` columns are the cache."""
+        self.buffers = (keys, values)
+        self.keys, self.values = keys[:, :, :n], values[:, :, :n]
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self._in_buffer():
             return super().batch_select_indices(indices)
-        n = self.keys.shape[-2]
-        self.buffers = tuple(b.index_select(0, indices) for b in self.buffers)
-        self.keys, self.values = self.buffers[0][:, :, :n], self.buffers[1][:, :, :n]
+        keys, values = self.buffers
+        self.hold(keys.index_select(0, indices), values.index_select(0, indices), self.keys.shape[-2])
 
 
 def _mergeable(cache) -> bool:
-    """Whether every layer holds all of its rows' columns (no sliding window), so the columns line
-    up with the 2-D mask and rows of two caches can be put side by side."""
-    return all(type(layer) in (DynamicLayer, _GrowingLayer) for layer in cache.layers)
+    """Whether every layer holds all of its rows' columns (no sliding window: `_start` makes every
+    such layer a `_GrowingLayer`), so the columns line up with the 2-D mask, rows of two caches
+    can be put side by side and rejected guesses can stay as holes."""
+    return all(type(layer) is _GrowingLayer for layer in cache.layers)
 
 
 @dataclass
@@ -224,18 +229,20 @@ class _Rows:
         values of zeros, masked)."""
         width = max(self.mask.shape[1], other.mask.shape[1])
 
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = width - t.shape[dim]
-            if not missing:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
+        def side_by_side(a: torch.Tensor, b: torch.Tensor, dim: int, room: int = 0) -> torch.Tensor:
+            shape = list(a.shape)
+            shape[0], shape[dim] = a.shape[0] + b.shape[0], width + room
+            out = a.new_empty(shape)  # written once: no padded copies of either side first
+            for rows, t in ((slice(0, a.shape[0]), a), (slice(a.shape[0], None), b)):
+                pad = width - t.shape[dim]
+                out[rows].narrow(dim, 0, pad).zero_()
+                out[rows].narrow(dim, pad, t.shape[dim]).copy_(t)
+            return out
 
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
-            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
-        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
+            mine.hold(side_by_side(mine.keys, theirs.keys, 2, mine.reserve),
+                      side_by_side(mine.values, theirs.values, 2, mine.reserve), width)
+        self.mask = side_by_side(self.mask, other.mask, 1)
         self.positions = torch.cat([self.positions, other.positions])
         self.items += other.items
         self.generated += other.generated
@@ -328,7 +335,7 @@ def _start(model, joined: list[tuple[int, list[int], list[int]]], past: CacheRow
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    cache.layers = [_GrowingLayer.adopt(layer, 128) if type(layer) is DynamicLayer else layer
+    cache.layers = [_GrowingLayer.adopt(layer, 32) if type(layer) is DynamicLayer else layer
                     for layer in cache.layers]
     return _Rows([i for i, *_ in joined], [[] for _ in joined], mask, positions[:, -1:] + 1, cache,
                  out.logits[:, -1].float().argmax(-1).tolist(), [prompt for *_, prompt in joined])
