@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_generation import PROMPTS, reference_greedy
 
+from taxon.evals import generation
 from taxon.evals.generation import _lookup, generate
 from taxon.evals.grouped_attention import grouped_queries
 
@@ -155,3 +156,60 @@ def test_grouped_queries_equal_sdpa_on_a_pass_with_holes(tiny_model):
         logits[grouped] = out.logits
     assert model.config._attn_implementation == "sdpa"  # set back after the block
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+
+
+def test_squeezing_out_padding_and_holes_changes_no_output(tiny_model, unstopped, monkeypatch):
+    """With no spare room in the cache buffers, every step gathers each row's real columns to its
+    right end (padding and rejected guesses squeezed out): outputs stay those of greedy decoding
+    one prompt at a time."""
+    model, tok = tiny_model
+    stop = staggered_stop(tok, unstopped)
+    monkeypatch.setattr(generation._GrowingLayer, "reserve", 0)
+    squeezes = []
+    make_room = generation._Rows.make_room
+
+    def holes(mask: torch.Tensor) -> int:  # masked columns after a row's first real one
+        return int(sum((row[int(row.argmax()) :] == 0).sum() for row in mask))
+
+    def counted(rows, width):
+        before = holes(rows.mask)
+        make_room(rows, width)
+        assert holes(rows.mask) == 0  # squeezed out: every row's real columns at its right end
+        squeezes.append(before)
+
+    monkeypatch.setattr(generation._Rows, "make_room", counted)
+    got = generate(model, tok, PROMPTS, max_new_tokens=MAX_NEW, stop=[stop], batch_size=3, share_prefix=False)
+    assert [(g.text, g.new_tokens) for g in got] == [expected(tok, t, stop) for t in unstopped]
+    assert any(n > 0 for n in squeezes)  # rejected guesses were squeezed out
+
+
+def test_make_room_keeps_each_rows_real_columns_in_order():
+    """Rows with left padding and holes: after squeezing, each row's real keys and values are the
+    same vectors in the same order, at the row's right end, with the mask right-aligned."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 0],   # padding, a hole, a rejected guess at the end
+                         [1, 1, 1, 0, 0, 1, 1, 1],   # a hole of two
+                         [0, 1, 1, 1, 1, 1, 1, 0]])  # padding and a trailing hole
+    layers = []
+    for _ in range(2):
+        layer = DynamicLayer()
+        layer.update(torch.randn(3, 2, 8, 4), torch.randn(3, 2, 8, 4))
+        layers.append(generation._GrowingLayer.adopt(layer))
+    cache = DynamicCache()
+    cache.layers = layers
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in layers]
+    rows = generation._Rows([0, 1, 2], [[], [], []], mask.clone(), torch.zeros(3, 1, dtype=torch.long),
+                            cache, [0, 0, 0], [[1], [1], [1]])
+    rows.make_room(2)
+    real = mask.sum(-1).tolist()
+    assert rows.mask.shape[1] == max(real) == 6
+    for b, n in enumerate(real):
+        assert rows.mask[b].tolist() == [0] * (6 - n) + [1] * n
+        for layer, (keys, values) in zip(layers, before, strict=True):
+            assert torch.equal(layer.keys[b, :, 6 - n :], keys[b][:, mask[b] == 1])
+            assert torch.equal(layer.values[b, :, 6 - n :], values[b][:, mask[b] == 1])
+            assert not layer.keys[b, :, : 6 - n].any()
+            assert layer.buffers[0].shape[2] >= 6 + 2  # room for the next pass's columns

@@ -152,10 +152,10 @@ class _GrowingLayer(DynamicLayer):
     buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # [rows, heads, capacity, dim]
 
     @classmethod
-    def adopt(cls, layer: DynamicLayer, reserve: int) -> _GrowingLayer:
+    def adopt(cls, layer: DynamicLayer) -> _GrowingLayer:
         new = cls.__new__(cls)
         new.__dict__.update(layer.__dict__)
-        new.reserve, new.buffers = reserve, None
+        new.buffers = None
         return new
 
     def _in_buffer(self) -> bool:
@@ -224,6 +224,35 @@ class _Rows:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
+    def make_room(self, width: int) -> None:
+        """Room for `width` more columns. When the buffers are full, each row's real columns are
+        gathered to its right end (padding and the holes of rejected guesses squeezed out) into
+        new buffers, instead of copying them, holes and all, into larger ones. Keys already hold
+        their positions (rotary embeddings are applied before caching), so where a column sits
+        changes nothing but the float order of the attention's sums, as padding does."""
+        if not _mergeable(self.cache):
+            return
+        layer = self.cache.layers[0]
+        if layer._in_buffer() and self.mask.shape[1] + width <= layer.buffers[0].shape[2]:
+            return
+        real = self.mask.sum(-1)
+        kept = int(real.max())
+        columns = torch.arange(kept, device=self.mask.device)
+        mask = (columns >= kept - real.unsqueeze(-1)).to(self.mask.dtype)  # right-aligned
+        # Row b's k-th real column goes to column kept - real[b] + k; padding reads column 0.
+        order = torch.argsort(self.mask, dim=-1, stable=True)[:, -kept:]
+        source = order.masked_fill(mask == 0, 0)
+        for layer in self.cache.layers:
+            room = kept + max(width, layer.reserve)
+            held = []
+            for t in (layer.keys, layer.values):
+                out = t.new_zeros(t.shape[0], t.shape[1], room, t.shape[3])
+                index = source[:, None, :, None].expand(t.shape[0], t.shape[1], kept, t.shape[3])
+                out[:, :, :kept] = t.gather(2, index) * mask[:, None, :, None].to(t.dtype)
+                held.append(out)
+            layer.hold(*held, kept)
+        self.mask = mask
+
     def extend(self, other: _Rows) -> None:
         """`other`'s rows after these, each side's columns left-padded to the longer's (keys and
         values of zeros, masked)."""
@@ -278,13 +307,18 @@ def _decode(model, queue: list[tuple[int, list[int], list[int]]], past, pad_id: 
             free = batch_size - live
             if queue and (live == 0 or (free >= max(1, batch_size // 4) and _mergeable(rows.cache))):
                 joined, queue = queue[:free], queue[free:]
-                new = _start(model, joined, past([i for i, *_ in joined]), pad_id, device)
-                yield from _advance(new, rule, [[t] for t in new.tokens])
-                if new.items:
-                    if rows is None:
-                        rows = new
-                    else:
-                        rows.extend(new)
+                groups = _prefill_groups(joined)
+                for k, group in enumerate(groups):
+                    if rows is not None and not _mergeable(rows.cache):  # the rest wait their turn
+                        queue = [entry for g in groups[k:] for entry in g] + queue
+                        break
+                    new = _start(model, group, past([i for i, *_ in group]), pad_id, device)
+                    yield from _advance(new, rule, [[t] for t in new.tokens])
+                    if new.items:
+                        if rows is None or not rows.items:
+                            rows = new
+                        else:
+                            rows.extend(new)
             if rows is None or not rows.items:
                 rows = None
                 continue
@@ -323,6 +357,23 @@ def _vocab_in_slices(model, enabled: bool):
         del head.forward
 
 
+PREFILL_TOKENS = 2048  # most padded tokens in one pass over joining rows
+
+
+def _prefill_groups(joined: list[tuple[int, list[int], list[int]]]) -> list[list]:
+    """The joining rows (longest own tokens first) in groups of at most PREFILL_TOKENS padded
+    tokens (one row at least). A pass over many long rows holds each layer's attention scores and
+    MLP activations for all of them at once; that, not the cache, set the loop's peak memory, and
+    such a pass is bound by arithmetic, not by reading the weights, so smaller passes cost little."""
+    groups: list[list] = []
+    for entry in joined:
+        if groups and (len(groups[-1]) + 1) * len(groups[-1][0][1]) <= PREFILL_TOKENS:
+            groups[-1].append(entry)
+        else:
+            groups.append([entry])
+    return groups
+
+
 def _start(model, joined: list[tuple[int, list[int], list[int]]], past: CacheRows | None, pad_id: int,
            device) -> _Rows:
     """One pass over the joining rows' own tokens; their first greedy tokens."""
@@ -335,7 +386,7 @@ def _start(model, joined: list[tuple[int, list[int], list[int]]], past: CacheRow
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    cache.layers = [_GrowingLayer.adopt(layer, 32) if type(layer) is DynamicLayer else layer
+    cache.layers = [_GrowingLayer.adopt(layer) if type(layer) is DynamicLayer else layer
                     for layer in cache.layers]
     return _Rows([i for i, *_ in joined], [[] for _ in joined], mask, positions[:, -1:] + 1, cache,
                  out.logits[:, -1].float().argmax(-1).tolist(), [prompt for *_, prompt in joined])
@@ -379,6 +430,7 @@ def _step(model, rows: _Rows, pad_id: int, device) -> list[list[int]]:
     width = 1 + max(len(g) for g in guesses)
     ids = torch.tensor([[t, *g] + [pad_id] * (width - 1 - len(g))
                         for t, g in zip(rows.tokens, guesses, strict=True)], device=device)
+    rows.make_room(width)
     before = rows.mask.shape[1]
     rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.items), width))], dim=-1)
     positions = rows.positions + torch.arange(width, device=device)
