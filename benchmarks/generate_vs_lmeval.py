@@ -16,6 +16,12 @@ Two tasks:
 
 Prompts are plain text, not the chat template, as in eval_vs_lmeval.py.
 
+What taxon's side does differently (`taxon.evals.generation`): a shared prefix is encoded once;
+waiting prompts join the rows still decoding as rows end (continuous batching); each pass also
+checks up to 4 tokens guessed from where the text repeats itself or its prompt (prompt-lookup
+decoding), keeping only those greedy decoding confirms; the cache grows in place. lm-eval runs
+`model.generate` batch by batch, each batch to its longest row.
+
 Each side runs in its own fresh subprocess, so peak memory is that process's peak resident set
 (`ru_maxrss`); its increase during generation is the peak minus the resident set just before
 generation starts (model loaded, items read). items/s counts items over the generation call only:

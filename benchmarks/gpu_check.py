@@ -490,7 +490,8 @@ def check_generation(opts, model_dir: Path, data: Path) -> dict:
     CPU model given the same prefix (within a tolerance for near-ties), and the texts are compared."""
     device = need_cuda(opts)
     from taxon import resources as efficiency
-    from taxon.evals.generation import _eos_ids, generate
+    from taxon.evals import generation
+    from taxon.evals.generation import generate
     from taxon.models import load_model
 
     cpu_model, tokenizer = load_model(str(model_dir), device="cpu")
@@ -498,18 +499,18 @@ def check_generation(opts, model_dir: Path, data: Path) -> dict:
     kw = {"max_new_tokens": opts.new_tokens, "stop": ["\n\n"], "batch_size": 8}
     reference = generate(cpu_model, tokenizer, prompts, **kw)
     model, _ = load_model(str(model_dir), device=str(device))
-    eos = set(_eos_ids(model, tokenizer)) | {tokenizer.pad_token_id}
     figures, failures = {"prompts": len(prompts), "max_new_tokens": opts.new_tokens}, []
     for name, bf16 in (("fp32", False), ("bf16", True)):
-        captured = []
-        original = model.generate
+        captured = []  # (prompt tokens, generated tokens) as taxon's decode loop hands them back
+        original = generation._decode
 
-        def spy(*a, _original=original, _captured=captured, **k):
-            out = _original(*a, **k)
-            _captured.append((k["input_ids"].cpu(), k["attention_mask"].cpu(), out.cpu()))
-            return out
+        def spy(model, queue, *a, _original=original, _captured=captured, **k):
+            prompts = {i: prompt for i, _, prompt in queue}
+            for i, generated in _original(model, queue, *a, **k):
+                _captured.append((prompts[i], list(generated)))
+                yield i, generated
 
-        model.generate = spy
+        generation._decode = spy
         try:
             generate(model, tokenizer, prompts[:2], **{**kw, "max_new_tokens": 2}, bf16=bf16)  # warm-up
             captured.clear()
@@ -518,23 +519,18 @@ def check_generation(opts, model_dir: Path, data: Path) -> dict:
             got = generate(model, tokenizer, prompts, **kw, bf16=bf16)
             seconds = time.perf_counter() - t
         finally:
-            del model.generate
+            generation._decode = original
         new = sum(g.new_tokens for g in got)
         worst, checked = 0.0, 0
-        for ids, mask, out in captured:
-            width = ids.shape[1]
-            for row in range(ids.shape[0]):
-                prompt = ids[row][mask[row].bool()].tolist()
-                gen = out[row, width:].tolist()
-                gen = gen[: next((k for k, t in enumerate(gen) if t in eos), len(gen))]
-                if not gen:
-                    continue
-                with torch.no_grad():
-                    logits = cpu_model(input_ids=torch.tensor([prompt + gen])).logits[0].float()
-                lp = torch.log_softmax(logits, -1)
-                steps = lp[len(prompt) - 1 : len(prompt) - 1 + len(gen)]
-                margin = steps.max(-1).values - steps.gather(-1, torch.tensor(gen).unsqueeze(-1)).squeeze(-1)
-                worst, checked = max(worst, float(margin.max())), checked + len(gen)
+        for prompt, gen in captured:
+            if not gen:
+                continue
+            with torch.no_grad():
+                logits = cpu_model(input_ids=torch.tensor([prompt + gen])).logits[0].float()
+            lp = torch.log_softmax(logits, -1)
+            steps = lp[len(prompt) - 1 : len(prompt) - 1 + len(gen)]
+            margin = steps.max(-1).values - steps.gather(-1, torch.tensor(gen).unsqueeze(-1)).squeeze(-1)
+            worst, checked = max(worst, float(margin.max())), checked + len(gen)
         tol = opts.fp32_tol if not bf16 else opts.bf16_tol
         figures[f"greedy_worst_margin_{name}"] = worst
         figures[f"tokens_checked_{name}"] = checked
