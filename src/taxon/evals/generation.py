@@ -288,9 +288,10 @@ def _decode(model, queue: list[tuple[int, list[int], list[int]]], past, pad_id: 
     left-padded to the longest, continuing from their prefix's cache rows and keeping only the last
     position's logits. Position ids come from the mask (its running count of real tokens, as
     `model.generate` derives them), so every real token keeps the position it has alone. Each step
-    then feeds one greedy token per row. A row that ends leaves the batch (its inputs, mask,
-    positions and cache rows are dropped), and once a quarter of the batch is free the next items
-    join the rows still decoding, their cache and mask left-padded to a common width: a step reads
+    (`_step`) then feeds every row's latest greedy token and its guesses. A row that ends leaves
+    the batch (its inputs, mask, positions and cache rows are dropped), and once a quarter of the
+    batch is free the next items join the rows still decoding (in passes of at most
+    PREFILL_TOKENS), their cache and mask left-padded to a common width: a step reads
     all the weights whatever its rows, so a batch kept full, rather than run down to its longest
     row, is what makes items/s. Models with sliding-window layers (Gemma 2 and 3), whose cache
     does not line up with the mask, start a new batch only when the last one has ended."""
