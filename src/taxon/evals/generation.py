@@ -173,7 +173,7 @@ class _GrowingLayer(DynamicLayer):
             self.buffers = (room(self.keys), room(self.values))
         keys, values = self.buffers
         keys[:, :, n : n + w], values[:, :, n : n + w] = key_states, value_states
-        self.keys, self.values = keys[:, :, : n + w], values[:, :, : n + w]
+        self.hold(keys, values, n + w)
         return self.keys, self.values
 
     def hold(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
