@@ -35,12 +35,18 @@ VOLATILE = {"tokens_per_s", "items_per_s", "train_seconds", "train_cpu_seconds",
 
 
 def fresh_cache(root: Path) -> Path:
-    """An empty stage cache with the session's `tiny` model linked in (not rebuilt)."""
+    """An empty stage cache with every model of the session's cache linked in. Models are built or
+    converted once per session, not per test: a declared model's folder is named by its config's
+    digest (not its alias), and a converted smollm2 weighs 0.5 GB; converting it per test once
+    filled CI's disk."""
     from taxon.models import prepare
+    from taxon.settings import cache_dir
 
-    tiny_dir = Path(prepare("tiny")).resolve()
+    prepare("tiny")  # built with smollm2's tokenizer, so smollm2 is converted too
     (root / "models").mkdir(parents=True, exist_ok=True)
-    (root / "models" / "tiny").symlink_to(tiny_dir)
+    for model in (cache_dir() / "models").iterdir():
+        if ".tmp" not in model.name:  # another worker's build in progress
+            (root / "models" / model.name).symlink_to(model.resolve())
     return root
 
 

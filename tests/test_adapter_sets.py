@@ -11,6 +11,7 @@ import pytest
 import torch
 from datasets import Dataset
 from rich.console import Console
+from study_fixtures import fresh_cache
 from transformers import TrainerCallback
 
 from taxon.config import DataRef, StageSpec
@@ -37,13 +38,8 @@ adapter_sets:
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch, data_dir) -> Path:
-    """A fresh stage cache with the session's `tiny` model linked in (not rebuilt)."""
-    from taxon.models import prepare
-
-    tiny_dir = Path(prepare("tiny"))
-    monkeypatch.setenv("TAXON_CACHE_DIR", str(tmp_path / "cache"))
-    (tmp_path / "cache" / "models").mkdir(parents=True)
-    (tmp_path / "cache" / "models" / "tiny").symlink_to(tiny_dir)
+    """A fresh stage cache with the session's models linked in (not rebuilt)."""
+    monkeypatch.setenv("TAXON_CACHE_DIR", str(fresh_cache(tmp_path / "cache")))
     return tmp_path / "cache"
 
 

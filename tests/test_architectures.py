@@ -5,9 +5,9 @@ and full fine-tuning train and evaluate on each."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+import study_fixtures
 from rich.console import Console
 
 from taxon import seeds_cli
@@ -100,11 +100,9 @@ def test_training_refuses_unresolved_targets(tmp_path):
 def fresh_cache(tmp_path_factory, data_dir):
     """A stage cache of this module's own (so stages train rather than load from an earlier run),
     with the tiny models of the shared cache linked in rather than rebuilt."""
-    built = {m: Path(prepare(m)) for m in TARGETS}
-    cache = tmp_path_factory.mktemp("arch-cache")
-    (cache / "models").mkdir()
-    for m, folder in built.items():
-        (cache / "models" / m).symlink_to(folder)
+    for m in TARGETS:
+        prepare(m)
+    cache = study_fixtures.fresh_cache(tmp_path_factory.mktemp("arch-cache"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TAXON_CACHE_DIR", str(cache))
         yield cache

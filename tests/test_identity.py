@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 from rich.console import Console
+from study_fixtures import fresh_cache
 
 from taxon import cli, identity
 from taxon.config import EvalSpec, StudySpec
@@ -26,12 +27,7 @@ SFT = {"objective": "sft", "data": [{"dataset": "fpb"}], "steps": 2, "batch_size
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An empty stage cache with the converted models linked in."""
-    from taxon.settings import cache_dir
-
-    root = tmp_path / "cache"
-    (root / "models").mkdir(parents=True)
-    for model in (cache_dir() / "models").iterdir():
-        (root / "models" / model.name).symlink_to(model)
+    root = fresh_cache(tmp_path / "cache")
     monkeypatch.setenv("TAXON_CACHE_DIR", str(root))
     return root
 
@@ -124,16 +120,9 @@ def test_same_study_twice_gives_identical_numbers_on_this_machine_kind(tmp_path,
                                                                       data_dir):
     """Two runs from empty caches: identical checkpoints' scores and predictions, stored with the
     machine kind and precision that produced them (the promise is per (machine kind, precision))."""
-    from taxon.settings import cache_dir
-
-    models = cache_dir() / "models"
     stores = []
     for i in range(2):
-        root = tmp_path / f"cache{i}"
-        (root / "models").mkdir(parents=True)
-        for m in models.iterdir():
-            (root / "models" / m.name).symlink_to(m.resolve())
-        monkeypatch.setenv("TAXON_CACHE_DIR", str(root))
+        monkeypatch.setenv("TAXON_CACHE_DIR", str(fresh_cache(tmp_path / f"cache{i}")))
         store = Store(tmp_path / f"r{i}.sqlite")
         run_study(study("repro", 4, stages=[SFT]), store, QUIET)
         stores.append(store)

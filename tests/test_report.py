@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from cli_runner import run_taxon
 from sklearn.metrics import f1_score
+from study_fixtures import fresh_cache
 
 from taxon.config import QuestionSpec
 from taxon.evals.evaluate import TaskResult
@@ -241,7 +242,7 @@ def test_demo_report_renders_in_headless_chromium(tmp_path, data_dir, monkeypatc
             stage.update(steps=2, batch_size=2)
     path = tmp_path / "quickstart.yaml"
     path.write_text(yaml.safe_dump(study))
-    monkeypatch.setenv("TAXON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TAXON_CACHE_DIR", str(fresh_cache(tmp_path / "cache")))
     r = run_taxon("study", "run", path, "--out", tmp_path / "report", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "rq1: " in r.stdout and "lift: " in r.stdout and "report: " in r.stdout

@@ -3,12 +3,11 @@ and every stored number can be traced to per-example predictions."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import yaml
 from rich.console import Console
 from sklearn.metrics import f1_score
+from study_fixtures import fresh_cache
 
 from taxon.report.tables import results_table
 from taxon.study.load import load_study
@@ -37,14 +36,7 @@ experiments:
 
 
 def test_study_shares_stages_and_resumes(tmp_path, monkeypatch, data_dir):
-    # A fresh stage cache; the session's `tiny` model is linked in rather than rebuilt.
-    from taxon.models import _converted_dir, prepare
-
-    tiny_dir = Path(prepare("tiny"))
-    monkeypatch.setenv("TAXON_CACHE_DIR", str(tmp_path / "cache"))
-    (tmp_path / "cache" / "models").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "cache" / "models" / "tiny").symlink_to(tiny_dir)
-    assert _converted_dir("tiny").resolve() == tiny_dir.resolve()
+    monkeypatch.setenv("TAXON_CACHE_DIR", str(fresh_cache(tmp_path / "cache")))
 
     path = tmp_path / "study.yaml"
     path.write_text(STUDY)

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from study_fixtures import fresh_cache
 
 from taxon import cli, seeds_cli
 from taxon.study import store as store_module
@@ -19,13 +20,7 @@ from taxon.study.store import Store
 def sandbox(tmp_path, monkeypatch, data_dir):
     """A working folder and an empty stage cache: whatever a refused command wrote would be here.
     The models' converted copies (tiny, smollm2) are linked in so nothing is rebuilt."""
-    from taxon.settings import cache_dir
-
-    cache = tmp_path / "cache"
-    (cache / "models").mkdir(parents=True)
-    for model in (cache_dir() / "models").iterdir():
-        (cache / "models" / model.name).symlink_to(model)
-    monkeypatch.setenv("TAXON_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TAXON_CACHE_DIR", str(fresh_cache(tmp_path / "cache")))
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

@@ -135,20 +135,16 @@ experiments:
 def test_study_trains_the_shared_trunk_once(tmp_path, monkeypatch, data_dir):
     """Through `study run`: the trunk 0→2 is trained once for both durations, each cooldown
     continues from the cached segment folders, and a rerun trains nothing."""
-    from pathlib import Path
 
     from rich.console import Console
+    from study_fixtures import fresh_cache
 
-    from taxon.models import prepare
     from taxon.study.load import load_study
     from taxon.study.plan import plan, unique_stages
     from taxon.study.run import run_study
     from taxon.study.store import Store
 
-    tiny_dir = Path(prepare("tiny"))
-    monkeypatch.setenv("TAXON_CACHE_DIR", str(tmp_path / "cache"))
-    (tmp_path / "cache" / "models").mkdir(parents=True)
-    (tmp_path / "cache" / "models" / "tiny").symlink_to(tiny_dir)
+    monkeypatch.setenv("TAXON_CACHE_DIR", str(fresh_cache(tmp_path / "cache")))
     path = tmp_path / "study.yaml"
     path.write_text(STUDY)
     study = load_study(path)
