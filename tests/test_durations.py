@@ -25,7 +25,7 @@ from taxon.errors import TaxonError
 from taxon.identity import model_identity
 from taxon.models import STAGE_META, load_model, resolve_targets
 from taxon.schedule import checkpoint, warmup_steps, whole_run
-from taxon.study.cost import new_steps, schedule_rules, study_cost
+from taxon.study.cost import duration_floor, new_steps, schedule_rules, study_cost
 from taxon.study.load import load_study
 from taxon.study.plan import plan, stage_id, unique_stages
 from taxon.study.run import run_study
@@ -161,6 +161,9 @@ def test_plan_serves_shorter_durations_by_checkpoints(study_file):
     assert c.naive_steps == 2 + 3 + 5 + 4 + 2 + 3 + 2 + 3
     assert c.steps == 5 + 1 + 2 + 3 + 2 + 3  # checkpoints train nothing
     assert c.checkpoints == 2
+    # The floor counts each set of durations once at its longest, whatever the schedule: the
+    # 5-step run stands for the cosine and warmup-ratio ones too; the tfns stage after sft-3 adds 1.
+    assert duration_floor(planned) == 5 + 1
     assert dict(zip(experiments, new_steps(planned), strict=True))["sft-2"] == 0
     rules = " ".join(schedule_rules(unique_stages(planned)))
     assert "checkpoints of the longest" in rules and "2 sets of stages differ only" in rules

@@ -139,6 +139,7 @@ def test_study_trains_the_shared_trunk_once(tmp_path, monkeypatch, data_dir):
     from rich.console import Console
     from study_fixtures import fresh_cache
 
+    from taxon.study.cost import duration_floor
     from taxon.study.load import load_study
     from taxon.study.plan import plan, unique_stages
     from taxon.study.run import run_study
@@ -153,6 +154,7 @@ def test_study_trains_the_shared_trunk_once(tmp_path, monkeypatch, data_dir):
     assert [(s.kind, s.spec.steps) for s in long.stages] == [("trunk", 2), ("trunk", 1), ("cooldown", 1)]
     assert short.stages[0].id == long.stages[0].id
     assert sum(s.spec.steps for s in unique_stages([short, long])) == 5  # instead of 3 + 4
+    assert duration_floor([short, long]) == 4  # the floor: the 4-step run alone, no own cooldowns
 
     store = Store(tmp_path / "results.sqlite")
     run_study(study, store, Console(quiet=True))

@@ -72,6 +72,30 @@ def study_cost(experiments: list[PlannedExperiment]) -> Cost:
     return cost
 
 
+# What distinguishes durations of one run: the step count and the learning rate's layout over it.
+DURATION_FIELDS = {"steps", "checkpoints", "run_steps", "schedule", "warmup_ratio", "warmup_steps",
+                   "decay_ratio", "segment"}
+
+
+def duration_floor(experiments: list[PlannedExperiment]) -> int:
+    """The fewest steps any reuse across durations could train: every set of stages that differ
+    only in duration (steps and schedule) from the same parent costs its longest run once, as if
+    each shorter one were that run's checkpoint. A target under this floor needs fewer
+    experiments, not better reuse. wsd segments count as the run they belong to."""
+    stages = unique_stages(experiments)
+    by_id = {s.id: s for s in stages}
+    longest: dict[tuple[str, str], int] = {}
+    for s in stages:
+        parent, steps = s.parent, s.spec.steps
+        if s.spec.segment is not None:  # a trunk or cooldown: the run from its first segment's parent
+            steps += s.spec.segment.start
+            while parent in by_id and by_id[parent].spec.segment is not None:
+                parent = by_id[parent].parent
+        rest = json.dumps(s.spec.model_dump(mode="json", exclude=DURATION_FIELDS), sort_keys=True)
+        longest[(parent, rest)] = max(longest.get((parent, rest), 0), steps)
+    return sum(longest.values())
+
+
 def new_steps(experiments: list[PlannedExperiment]) -> list[int]:
     """Per experiment, in plan order: the steps of the stages no earlier experiment trains."""
     seen: set[str] = set()
