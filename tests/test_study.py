@@ -36,7 +36,11 @@ experiments:
 
 
 def test_study_shares_stages_and_resumes(tmp_path, monkeypatch, data_dir):
+    from taxon.models import resolve
+
     monkeypatch.setenv("TAXON_CACHE_DIR", str(fresh_cache(tmp_path / "cache")))
+    # The fresh cache finds the session's models: nothing is rebuilt or converted (0.5 GB) here.
+    assert resolve("tiny").source == resolve("smollm2-135m").source == "cache"
 
     path = tmp_path / "study.yaml"
     path.write_text(STUDY)
