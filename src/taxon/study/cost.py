@@ -72,6 +72,11 @@ def study_cost(experiments: list[PlannedExperiment]) -> Cost:
     return cost
 
 
+def _spec_without(stage: PlannedStage, fields: set[str]) -> str:
+    """A stage's spec less `fields`, as a key: stages equal in everything else share it."""
+    return json.dumps(stage.spec.model_dump(mode="json", exclude=fields), sort_keys=True)
+
+
 # What distinguishes durations of one run: the step count and the learning rate's layout over it.
 DURATION_FIELDS = {"steps", "checkpoints", "run_steps", "schedule", "warmup_ratio", "warmup_steps",
                    "decay_ratio", "segment"}
@@ -91,8 +96,8 @@ def duration_floor(experiments: list[PlannedExperiment]) -> int:
             steps += s.spec.segment.start
             while parent in by_id and by_id[parent].spec.segment is not None:
                 parent = by_id[parent].parent
-        rest = json.dumps(s.spec.model_dump(mode="json", exclude=DURATION_FIELDS), sort_keys=True)
-        longest[(parent, rest)] = max(longest.get((parent, rest), 0), steps)
+        key = (parent, _spec_without(s, DURATION_FIELDS))
+        longest[key] = max(longest.get(key, 0), steps)
     return sum(longest.values())
 
 
@@ -124,8 +129,7 @@ def schedule_rules(stages: list[PlannedStage]) -> list[str]:
     for s in stages:
         if s.spec.schedule == "wsd" or s.kind == "checkpoint":  # a shared trunk; kept by a run
             continue
-        rest = s.spec.model_dump(mode="json", exclude={"steps", "checkpoints"})
-        groups.setdefault((s.parent, json.dumps(rest, sort_keys=True)), set()).add(s.spec.steps)
+        groups.setdefault((s.parent, _spec_without(s, {"steps", "checkpoints"})), set()).add(s.spec.steps)
     multi = [v for v in groups.values() if len(v) > 1]
     if multi:
         saved = sum(sum(v) - max(v) for v in multi)

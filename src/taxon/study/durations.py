@@ -50,10 +50,6 @@ def _joins(spec: StageSpec) -> bool:
             and spec.segment is None and spec.watch is None)
 
 
-def _family(parent: str, spec: StageSpec) -> str:
-    return parent + "\x1f" + spec.model_copy(update={"steps": 0}).canonical()
-
-
 def expand(items: list[tuple[str, StageSpec]]) -> list[list[Step]]:
     """The planned stages each (parent id, spec) of one level of the stage graph becomes: a
     duration family of a length-free schedule becomes its longest run, keeping checkpoints, and
@@ -62,14 +58,14 @@ def expand(items: list[tuple[str, StageSpec]]) -> list[list[Step]]:
     durations: dict[str, set[int]] = {}
     for parent, spec in items:
         if _joins(spec):
-            durations.setdefault(_family(parent, spec), set()).add(spec.steps)
+            durations.setdefault(wsd.family(parent, spec), set()).add(spec.steps)
     served = {i for i, (parent, spec) in enumerate(items)
-              if _joins(spec) and len(durations[_family(parent, spec)]) > 1}
+              if _joins(spec) and len(durations[wsd.family(parent, spec)]) > 1}
     # Checkpoints that runs of this level keep: (parent, whole run's identity) -> steps.
     kept: dict[tuple[str, str], set[int]] = {}
     for i, (parent, spec) in enumerate(items):
         if i in served:
-            lengths = durations[_family(parent, spec)]
+            lengths = durations[wsd.family(parent, spec)]
             whole = spec.model_copy(update={"steps": max(lengths)})
             kept.setdefault((parent, whole.canonical()), set()).update(lengths - {max(lengths)})
         elif spec.checkpoints:
@@ -81,7 +77,7 @@ def expand(items: list[tuple[str, StageSpec]]) -> list[list[Step]]:
         out[i] = steps
     for i, (parent, spec) in enumerate(items):
         if i in served:
-            longest = max(durations[_family(parent, spec)])
+            longest = max(durations[wsd.family(parent, spec)])
             if spec.steps < longest:  # the family's longest run keeps this duration
                 spec = checkpoint(spec.model_copy(update={"steps": longest}), spec.steps)
         elif spec.run_steps is None and not spec.checkpoints:

@@ -61,7 +61,9 @@ def chains(spec: StageSpec, durations: list[int]) -> dict[int, list[Step]]:
     return out
 
 
-def _family(parent: str, spec: StageSpec) -> str:
+def family(parent: str, spec: StageSpec) -> str:
+    """The key that stages differing only in `steps` from the same parent share (the durations of
+    one run, for wsd trunks here and checkpoints in `durations`)."""
     return parent + "\x1f" + spec.model_copy(update={"steps": 0}).canonical()
 
 
@@ -72,11 +74,11 @@ def expand(items: list[tuple[str, StageSpec]]) -> list[list[Step]]:
     durations: dict[str, set[int]] = {}
     for parent, spec in items:
         if _branches(spec):
-            durations.setdefault(_family(parent, spec), set()).add(spec.steps)
+            durations.setdefault(family(parent, spec), set()).add(spec.steps)
     planned: dict[str, dict[int, list[Step]]] = {}
     out = []
     for parent, spec in items:
-        key = _family(parent, spec) if _branches(spec) else None
+        key = family(parent, spec) if _branches(spec) else None
         if key is None or len(durations[key]) < 2:
             why = "; no other duration to share a trunk with" if spec.schedule == "wsd" else ""
             out.append([Step(spec, "run", f"own run ({spec.schedule}{why})")])
